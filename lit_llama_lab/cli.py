@@ -1,0 +1,61 @@
+"""The ``lit-llama-lab`` command: LightningCLI's fit/validate/test, plus evaluate, export, ui and bench."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+# Hub libraries must never reach for the network unless the user asks for a hub id with the network on.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from lightning.pytorch.cli import LightningCLI  # noqa: E402
+
+from lit_llama_lab.data.datamodule import ChatDataModule  # noqa: E402
+from lit_llama_lab.module import QLoRAModule  # noqa: E402
+
+# Subcommands that are not Trainer methods: name -> "module:function" run through jsonargparse.
+TOOLS = {
+    "evaluate": "lit_llama_lab.evaluate:evaluate",
+    "export": "lit_llama_lab.export:export",
+    "ui": "lit_llama_lab.ui.app:main",
+    "bench": "lit_llama_lab.bench:bench",
+}
+
+
+class LabCLI(LightningCLI):
+    """LightningCLI with the model's base and attention linked into the data module."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("model.name_or_path", "data.tokenizer")
+        parser.link_arguments("model.attn_implementation", "data.attn_implementation")
+
+
+def run_tool(name: str, args: list[str]) -> None:
+    """Run one of :data:`TOOLS` with its own jsonargparse CLI (``--help`` lists its options)."""
+    from jsonargparse import auto_cli
+
+    module, function = TOOLS[name].split(":")
+    try:
+        target = getattr(importlib.import_module(module), function)
+    except ModuleNotFoundError as error:
+        raise SystemExit(f"'{name}' is not available: {error}") from None
+    auto_cli(target, args=args, as_positional=False)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of the ``lit-llama-lab`` console script."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] in TOOLS:
+        run_tool(argv[0], argv[1:])
+        return
+    LabCLI(
+        QLoRAModule,
+        ChatDataModule,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+if __name__ == "__main__":
+    main()

