@@ -234,6 +234,15 @@ def _pick_pad_token(tokenizer) -> str | None:
     return None
 
 
+def resolve_compute_dtype(name: str) -> torch.dtype:
+    """``auto`` is bf16 on a GPU that supports it and fp32 elsewhere: CPUs without bf16 matmul instructions run
+    bf16 hundreds of times slower than fp32."""
+    if name == "auto":
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
 def bnb_config(quantize: Quantize, compute_dtype: torch.dtype):
     """The bitsandbytes 4-bit config (double quantization), or None for ``quantize='none'``."""
     if quantize == "none":
@@ -286,4 +295,43 @@ def load_base_model(
         trust_remote_code=False,
     )
     fix_special_tokens(tokenizer, model)
+    return model, tokenizer
+
+
+ADAPTER_METADATA = "lit_llama_lab.json"  # beside adapter_config.json: base name, quantize, step, metrics
+
+
+def is_adapter_folder(path: str | Path) -> bool:
+    """True for a peft adapter folder (``adapter_config.json`` + weights), as checkpoints and exports write."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def load_for_inference(
+    name_or_path: str,
+    quantize: Quantize | None = None,
+    compute_dtype: str = "auto",
+    device: str | torch.device | None = None,
+):
+    """Load a base model, or a base with an adapter folder on top, ready for :func:`generate`.
+
+    For an adapter folder the base comes from its ``lit_llama_lab.json`` (or peft's ``base_model_name_or_path``)
+    and is quantized as in training unless ``quantize`` says otherwise. Returns ``(model, tokenizer)`` in eval mode.
+    """
+    import json
+
+    dtype = resolve_compute_dtype(compute_dtype)
+    if is_adapter_folder(name_or_path):
+        from peft import PeftModel
+
+        folder = Path(name_or_path)
+        meta_file = folder / ADAPTER_METADATA
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        base_name = meta.get("base_model") or json.loads((folder / "adapter_config.json").read_text())[
+            "base_model_name_or_path"
+        ]
+        model, tokenizer = load_base_model(base_name, quantize or meta.get("quantize", "nf4"), dtype, device)
+        model = PeftModel.from_pretrained(model, folder, is_trainable=False)
+    else:
+        model, tokenizer = load_base_model(name_or_path, quantize or "nf4", dtype, device)
+    model.eval()
     return model, tokenizer

@@ -15,7 +15,7 @@ from torchmetrics.aggregation import MeanMetric
 from torchmetrics.text import Perplexity
 
 from lit_llama_lab.data.masking import IGNORE_INDEX
-from lit_llama_lab.models import load_base_model
+from lit_llama_lab.models import load_base_model, resolve_compute_dtype
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -52,15 +52,6 @@ class LoraArgs:
             use_dora=self.use_dora,
             task_type="CAUSAL_LM",
         )
-
-
-def resolve_compute_dtype(name: str) -> torch.dtype:
-    """``auto`` is bf16 on a GPU that supports it and fp32 elsewhere: CPUs without bf16 matmul instructions run
-    bf16 hundreds of times slower than fp32."""
-    if name == "auto":
-        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
 def label_loss(model, batch: dict, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
