@@ -5,6 +5,7 @@ Only adapter weights train and only they go into checkpoints; the frozen base is
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -160,7 +161,9 @@ class QLoRAModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         adapter = set(self.adapter_state_dict())
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in adapter}
-        checkpoint["adapter_config"] = self.model.peft_config["default"].to_dict()
+        # plain JSON types only (peft's dict holds enums and sets), so torch.load(weights_only=True) reads it
+        config = self.model.peft_config["default"].to_dict()
+        checkpoint["adapter_config"] = json.loads(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.configure_model()

@@ -1,0 +1,146 @@
+"""AdapterCheckpoint: resumable adapter-only .ckpt files, each with a plain peft adapter folder beside it.
+
+Every write is atomic: the .ckpt is written under a hidden temporary name in the same folder and renamed; the
+adapter folder is written to a temporary folder and renamed. A crash mid-write leaves a ``.*.partial`` file that
+no loader takes for a checkpoint, and the previous checkpoint untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+from weakref import proxy
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lit_llama_lab.models import ADAPTER_METADATA
+
+log = logging.getLogger(__name__)
+
+
+def _partial_name(path: Path) -> Path:
+    """A hidden name beside ``path`` that matches no checkpoint pattern (``last*.ckpt``, ``*.ckpt``)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.partial")
+
+
+def replace_folder(source: Path, target: Path) -> None:
+    """Move the finished folder ``source`` to ``target``, replacing an older ``target`` without a moment where
+    neither exists under a checkpoint-looking name."""
+    if target.exists():
+        old = target.with_name(f".{target.name}.{os.getpid()}.old")
+        os.replace(target, old)
+        os.replace(source, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(source, target)
+
+
+class AdapterCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint for adapters: every ``every_n_train_steps`` and at each epoch end, best
+    ``save_top_k`` by ``monitor`` plus ``last``.
+
+    Each ``NAME.ckpt`` (adapter weights, optimizer, loops, callbacks; the module drops the frozen base) has a folder
+    ``NAME/`` beside it with ``adapter_config.json``, ``adapter_model.safetensors`` and ``lit_llama_lab.json``
+    (base model, quantization, step, epoch, monitor, score, run), loadable by
+    ``lit_llama_lab.models.load_for_inference`` or plain peft.
+
+    Without ``dirpath`` checkpoints go to ``<logger save_dir>/<logger name>/checkpoints``, shared by all versions of
+    that run name, so ``--ckpt_path last`` finds the newest ``last.ckpt`` of the previous attempt.
+    No checkpoint is written once a DivergenceGuard has tripped, so ``last`` stays the last good one.
+    Other arguments are ModelCheckpoint's.
+    """
+
+    def __init__(
+        self,
+        dirpath: str | None = None,
+        filename: str = "{epoch}-{step}",
+        monitor: str | None = "val_loss",
+        mode: str = "min",
+        save_top_k: int = 2,
+        save_last: bool = True,
+        every_n_train_steps: int | None = None,
+        every_n_epochs: int = 1,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            dirpath=dirpath,
+            filename=filename,
+            monitor=monitor,
+            mode=mode,
+            save_top_k=save_top_k,
+            save_last=save_last,
+            every_n_train_steps=every_n_train_steps,
+            every_n_epochs=None if every_n_train_steps else every_n_epochs,
+            **kwargs,
+        )
+        # ModelCheckpoint takes steps or epochs; both triggers work side by side, so set the epoch one after it.
+        self._every_n_epochs = every_n_epochs
+
+    def resolve_dir(self, trainer: L.Trainer) -> str:
+        """The checkpoint folder: ``dirpath`` or ``<save_dir>/<name>/checkpoints`` of the first logger."""
+        if self.dirpath is not None:
+            return str(self.dirpath)
+        logger = trainer.loggers[0] if trainer.loggers else None
+        if logger is not None and logger.save_dir is not None:
+            return os.path.join(logger.save_dir, str(logger.name or ""), "checkpoints")
+        return os.path.join(trainer.default_root_dir, "checkpoints")
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.dirpath = self.resolve_dir(trainer)
+        super().setup(trainer, pl_module, stage)
+
+    def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
+        self.dirpath = self.resolve_dir(trainer)
+        return super()._find_last_checkpoints(trainer)
+
+    def _should_skip_saving_checkpoint(self, trainer: L.Trainer) -> bool:
+        diverged = any(getattr(cb, "diverged", None) for cb in trainer.callbacks)
+        return diverged or super()._should_skip_saving_checkpoint(trainer)
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        target = Path(filepath)
+        partial = _partial_name(target)
+        trainer.save_checkpoint(partial, self.save_weights_only)  # collective: every rank calls, rank 0 writes
+        if trainer.is_global_zero:
+            self.write_adapter_folder(trainer, target.with_suffix(""))
+            os.replace(partial, target)
+        # the rest is ModelCheckpoint._save_checkpoint's bookkeeping (lightning 2.6), for the final name
+        self._last_global_step_saved = trainer.global_step
+        self._last_checkpoint_saved = filepath
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.after_save_checkpoint(proxy(self))
+
+    def adapter_metadata(self, trainer: L.Trainer) -> dict:
+        """What ``lit_llama_lab.json`` records: base, quantization, position, score, run."""
+        hparams = trainer.lightning_module.hparams
+        score = self._monitor_candidates(trainer).get(self.monitor) if self.monitor else None
+        logger = trainer.loggers[0] if trainer.loggers else None
+        return {
+            "base_model": hparams.get("name_or_path"),
+            "quantize": hparams.get("quantize"),
+            "global_step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "monitor": self.monitor,
+            "score": None if score is None else float(score),
+            "run": None if logger is None else f"{logger.name}/version_{logger.version}",
+        }
+
+    def write_adapter_folder(self, trainer: L.Trainer, folder: Path) -> None:
+        """Write the peft adapter folder ``folder`` (temporary folder, then rename)."""
+        partial = _partial_name(folder)
+        shutil.rmtree(partial, ignore_errors=True)
+        trainer.lightning_module.model.save_pretrained(str(partial), safe_serialization=True)
+        (partial / ADAPTER_METADATA).write_text(json.dumps(self.adapter_metadata(trainer), indent=2))
+        replace_folder(partial, folder)
+
+    def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        super()._remove_checkpoint(trainer, filepath)
+        folder = Path(filepath).with_suffix("")
+        if trainer.is_global_zero and (folder / "adapter_config.json").is_file():
+            shutil.rmtree(folder)

@@ -1,0 +1,62 @@
+"""SampleGenerations: greedy answers to a few fixed prompts after every validation, as a TensorBoard text table."""
+
+from __future__ import annotations
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+
+from lit_llama_lab.generation import generate
+
+DEFAULT_EMOJI = ["🐼", "🇺🇸", "🎂", "🤌", "👋🏽", "🦩", "🧑‍🚀"]
+
+
+def markdown_table(rows: list[tuple[str, str]], header: tuple[str, str] = ("prompt", "answer")) -> str:
+    """A Markdown table of two columns; ``|`` and line breaks inside cells are escaped."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\r", " ").replace("\n", "<br>") or " "
+
+    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
+    lines += [f"| {cell(a)} | {cell(b)} |" for a, b in rows]
+    return "\n".join(lines)
+
+
+class SampleGenerations(Callback):
+    """After each validation (not the sanity check), answer ``"What is {e}?"`` for each emoji and each free prompt
+    greedily with :func:`lit_llama_lab.generation.generate`; log the table as text ``samples`` to TensorBoard and
+    print the last one when fitting ends.
+
+    Args:
+        emoji: emoji to ask about.
+        prompts: free prompts asked as they are.
+        max_new_tokens: answer length cap (generation runs on the training device; keep it small).
+    """
+
+    def __init__(self, emoji: list[str] | None = None, prompts: list[str] | None = None, max_new_tokens: int = 24):
+        self.emoji = list(DEFAULT_EMOJI if emoji is None else emoji)
+        self.prompts = list(prompts or [])
+        self.max_new_tokens = max_new_tokens
+        self.table: str | None = None
+        self.rows: list[tuple[str, str]] = []
+
+    def questions(self) -> list[str]:
+        """The user messages asked, in table order."""
+        return [f"What is {e}?" for e in self.emoji] + self.prompts
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero or not self.questions():
+            return
+        chats = [[{"role": "user", "content": q}] for q in self.questions()]
+        answers = generate(pl_module.model, pl_module.tokenizer, chats, max_new_tokens=self.max_new_tokens)
+        self.rows = [(q, a.text + ("" if a.stopped else " …")) for q, a in zip(self.questions(), answers, strict=True)]
+        self.table = f"step {trainer.global_step}\n\n" + markdown_table(self.rows)
+        for logger in trainer.loggers:
+            experiment = getattr(logger, "experiment", None)
+            if hasattr(experiment, "add_text"):
+                experiment.add_text("samples", self.table, global_step=trainer.global_step)
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.table:
+            print(f"\nSample generations (greedy, {self.max_new_tokens} new tokens at most), {self.table}\n")
