@@ -1,0 +1,358 @@
+"""``lit-llama-lab bench``: our QLoRA training step against the plain transformers + peft + bitsandbytes stack, on the
+same 4-bit model and data, in one process: tokens/s, peak GPU memory, MFU, and the loss after the same steps on
+real data (emoji chats) to show the math is unchanged.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from lit_llama_lab.fast import (
+    Attention,
+    apply_liger,
+    attention_inputs,
+    compile_decoder_layers,
+    fast_label_loss,
+    use_attention,
+)
+from lit_llama_lab.models import (
+    cache_dir,
+    converted_folder,
+    load_base_model,
+    load_tokenizer,
+    resolve_compute_dtype,
+    resolve_model_source,
+)
+from lit_llama_lab.module import LoraArgs, label_loss
+
+Shape = Literal["llama-3.2-1b", "smollm2-135m", "tiny"]
+LLAMA_32_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                   intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
+                   max_position_embeddings=8192, rms_norm_eps=1e-5)
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 spec sheets
+
+
+def shape_model(shape: Shape) -> str:
+    """A name :func:`load_base_model` accepts for ``shape``; the random 1B model is written once to the cache."""
+    if shape == "tiny":
+        return "tiny-random"
+    if shape == "smollm2-135m":
+        return "smollm2-135m"
+    if shape != "llama-3.2-1b":
+        raise ValueError(f"Unknown shape {shape!r}; use llama-3.2-1b, smollm2-135m or tiny.")
+    target = cache_dir() / "bench" / "llama-3.2-1b-random"
+    if (target / "config.json").is_file():
+        return str(target)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = load_tokenizer("smollm2-135m")  # any tokenizer: random token ids are drawn from the model's vocab
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(LlamaConfig(**LLAMA_32_1B)).to(torch.bfloat16)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.chmod(tmp, 0o755)
+    if not target.exists():  # else another process finished first
+        os.replace(tmp, target)
+    return str(target)
+
+
+def synthetic_batch(vocab: int, micro_batch: int, seq_len: int, doc_len: int, device: torch.device) -> dict:
+    """Random tokens, every position labelled, documents of ``doc_len`` tokens packed into each row."""
+    from lit_llama_lab.data.packing import block_causal_mask
+
+    if seq_len % doc_len:
+        raise ValueError(f"seq_len {seq_len} must be a multiple of doc_len {doc_len}.")
+    ids = torch.randint(0, vocab, (micro_batch, seq_len), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids.clone(),
+             "position_ids": (torch.arange(seq_len) % doc_len).expand(micro_batch, -1).contiguous(),
+             "attention_mask": block_causal_mask([[doc_len] * (seq_len // doc_len)] * micro_batch, seq_len)}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def emoji_batches(model_name: str, steps: int, device: torch.device, per_batch: int = 32) -> tuple[list[dict], dict]:
+    """``steps`` packed batches of ``per_batch`` emoji chats from the seeded train split (shuffled, cycled) and
+    one held-out batch from the test split. Only the rows used are tokenized."""
+    import random
+
+    from lit_llama_lab.data.datamodule import ChatDataModule, load_rows
+
+    data = ChatDataModule(source="emoji", tokenizer=model_name, batch_size=per_batch, max_seq_length=512)
+    splits = data.split_rows(load_rows("emoji"))
+    order = list(range(len(splits["train"])))
+    random.Random(0).shuffle(order)
+    picked = [splits["train"][order[i % len(order)]] for i in range(steps * per_batch)]
+    as_list = lambda d: d if isinstance(d, list) else d.to_list()  # noqa: E731  (a list or a datasets.Dataset)
+    train = as_list(data.tokenize_split(picked, "emoji", "train"))
+    held_out = data.collate(as_list(data.tokenize_split(splits["test"][:per_batch], "emoji", "test")))
+    move = lambda b: {k: v.to(device) for k, v in b.items()}  # noqa: E731
+    batches = [data.collate(train[i:i + per_batch]) for i in range(0, len(train), per_batch)]
+    return [move(b) for b in batches], move(held_out)
+
+
+def build_baseline(name: str, rank: int, checkpointing: bool, device: torch.device, seed: int, **_) -> tuple:
+    """The plain stack: 4-bit base, ``prepare_model_for_kbit_training`` (fp32 upcast), peft LoRA, HF's full loss."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    base, _ = load_base_model(name, "nf4", resolve_compute_dtype("auto"), device, "sdpa")
+    base.config.use_cache = False
+    base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=checkpointing)
+    torch.manual_seed(seed)
+    model = get_peft_model(base, LoraArgs(r=rank, alpha=rank).peft_config())
+
+    def loss_fn(batch: dict) -> torch.Tensor:  # HF packs by restarting position_ids; it builds its own mask
+        return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"]).loss
+
+    return model, loss_fn, lambda batch: batch
+
+
+def build_ours(name: str, rank: int, checkpointing: bool, device: torch.device, seed: int, attention: Attention = "sdpa",
+               compile: bool = False, liger: bool = False, chunked_ce: bool = True) -> tuple:
+    """Our path: no fp32 upcast, labelled-position loss (chunked), our packing mask or flex/varlen attention."""
+    from peft import get_peft_model
+
+    base, _ = load_base_model(name, "nf4", resolve_compute_dtype("auto"), device, "sdpa")
+    base.config.use_cache = False
+    if liger:
+        apply_liger(base)
+    use_attention(base, attention)
+    if checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    torch.manual_seed(seed)
+    model = get_peft_model(base, LoraArgs(r=rank, alpha=rank).peft_config())
+    if compile:
+        compile_decoder_layers(model)
+    if chunked_ce:
+        return model, lambda batch: fast_label_loss(model, batch)[0], lambda b: attention_inputs(b, attention)
+    return model, lambda batch: label_loss(model, batch)[0], lambda b: attention_inputs(b, attention)
+
+
+def train_steps(model, loss_fn: Callable, batches: list[dict], device: torch.device) -> list[float]:
+    """One AdamW step (lr 2e-4, fused on GPU) per batch, under bf16 autocast on GPU. Returns the losses."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = getattr(model, "_bench_optimizer", None) or torch.optim.AdamW(params, lr=2e-4,
+                                                                              fused=device.type == "cuda")
+    model._bench_optimizer = optimizer
+    model.train()
+    losses = []
+    for batch in batches:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = loss_fn(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+    return [float(x) for x in losses]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def step_flops(config, tokens: int, doc_len: int, lora_params: int) -> float:
+    """Model FLOPs of one training step (recomputation by checkpointing not counted, so this is MFU, not HFU).
+
+    Linear layers (all projections + lm_head at every token): forward 2·N·T, backward 2·N·T (input gradients
+    only: the 4-bit base is frozen). LoRA: 6·N_lora·T. Attention (QKᵀ and PV, causal within documents of
+    ``doc_len``, no work outside them): forward 4·L·d_attn·T·(doc_len+1)/2, backward twice that.
+    """
+    d, layers, ff, vocab = config.hidden_size, config.num_hidden_layers, config.intermediate_size, config.vocab_size
+    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    linear = layers * (2 * d * q + 2 * d * kv + 3 * d * ff) + vocab * d
+    attention_forward = 4 * layers * q * tokens * (doc_len + 1) / 2
+    return 4 * linear * tokens + 3 * attention_forward + 6 * lora_params * tokens
+
+
+def path_options(path: str, defaults: dict) -> tuple[Callable, dict]:
+    """``baseline`` or ``ours`` plus ``+modifiers`` (sdpa, flex, varlen, compile, liger, fullce) -> builder, options."""
+    name, *mods = path.strip().split("+")
+    if name == "baseline" and not mods:
+        return build_baseline, {}
+    if name != "ours":
+        raise ValueError(f"Unknown path {path!r}: use baseline, ours, or ours+modifiers like ours+compile+flex.")
+    options = dict(defaults)
+    for mod in mods:
+        if mod in ("sdpa", "flex", "varlen"):
+            options["attention"] = mod
+        elif mod in ("compile", "liger"):
+            options[mod] = True
+        elif mod == "fullce":
+            options["chunked_ce"] = False
+        else:
+            raise ValueError(f"Unknown modifier {mod!r} in {path!r}: use sdpa, flex, varlen, compile, liger, fullce.")
+    return build_ours, options
+
+
+def measure_speed(builder: Callable, options: dict, setup: dict, batch: dict, steps: int, warmup: int) -> dict:
+    """Warm-up steps, then ``steps`` timed steps on one batch: tokens/s, seconds/step, peak GPU memory, MFU."""
+    device = setup["device"]
+    _free(device)
+    model, loss_fn, prepare = builder(setup["name"], setup["rank"], setup["checkpointing"], device, setup["seed"],
+                                      **options)
+    prepared = prepare(batch)
+    train_steps(model, loss_fn, [prepared] * warmup, device)
+    _sync(device)
+    start = time.perf_counter()
+    losses = train_steps(model, loss_fn, [prepared] * steps, device)
+    _sync(device)
+    seconds = (time.perf_counter() - start) / steps
+    tokens = batch["input_ids"].numel()
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    flops = step_flops(model.get_base_model().config, tokens, setup["doc_len"], lora)
+    result = {"tokens_per_s": tokens / seconds, "step_s": seconds, "last_step_loss": losses[-1],
+              "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+              "tflops_per_s": flops / seconds / 1e12, "flops_per_step": flops, "trainable_params": lora}
+    if setup["peak_tflops"]:
+        result["mfu"] = result["tflops_per_s"] / setup["peak_tflops"]
+    del model, loss_fn
+    _free(device)
+    return result
+
+
+def measure_loss(builder: Callable, options: dict, setup: dict, batches: list[dict], held_out: dict) -> dict:
+    """Train a fresh model on real batches, then the loss on a held-out batch (the path's own loss function)."""
+    device = setup["device"]
+    model, loss_fn, prepare = builder(setup["loss_model"], setup["rank"], setup["checkpointing"], device,
+                                      setup["seed"], **options)
+    losses = train_steps(model, loss_fn, [prepare(b) for b in batches], device)
+    model.eval()
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        held = float(loss_fn(prepare(held_out)))
+    del model, loss_fn
+    _free(device)
+    return {"held_out_loss": held, "train_loss_first": losses[0], "train_loss_last": losses[-1]}
+
+
+def format_table(results: dict) -> str:
+    """A Markdown table of the measured paths, ratios and loss differences against ``baseline``."""
+    base = results["paths"].get("baseline", {})
+    rows = ["| path | tokens/s | × baseline | peak GiB | TFLOP/s | MFU | held-out loss | Δ loss |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
+    for path, r in results["paths"].items():
+        if "error" in r:
+            rows.append(f"| {path} | failed: {r['error'][:80]} |||||||")
+            continue
+        ratio = r["tokens_per_s"] / base["tokens_per_s"] if "tokens_per_s" in base else None
+        loss, base_loss = r.get("held_out_loss"), base.get("held_out_loss")
+        delta = (loss - base_loss) / abs(base_loss) if loss is not None and base_loss else None
+        rows.append(f"| {path} | {r['tokens_per_s']:,.0f} | {fmt(ratio, '.2f')} | {fmt(r['peak_gib'], '.2f')} | "
+                    f"{r['tflops_per_s']:.1f} | {fmt(r.get('mfu'), '.1%')} | {fmt(loss, '.4f')} | {fmt(delta, '+.3%')} |")
+    return "\n".join(rows)
+
+
+def write_json(data: dict, output: str) -> None:
+    """Write ``data`` to ``output`` atomically (temporary file, then rename)."""
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
+        json.dump(data, tmp, indent=2)
+    os.replace(tmp.name, path)
+
+
+def bench(
+    shape: Shape = "llama-3.2-1b",
+    seq_len: int = 2048,
+    micro_batch: int = 4,
+    rank: int = 16,
+    steps: int = 20,
+    warmup: int = 3,
+    doc_len: int = 512,
+    gradient_checkpointing: bool = True,
+    device: str = "auto",
+    paths: str = "baseline,ours",
+    loss_steps: int = 50,
+    real_data: bool = True,
+    loss_model: str = "auto",
+    loss_batch: int = 32,
+    attention: Attention = "sdpa",
+    compile: bool = False,
+    liger: bool = False,
+    chunked_ce: bool = True,
+    peak_tflops: float = 0.0,
+    seed: int = 0,
+    output: str | None = None,
+) -> dict:
+    """Benchmark QLoRA training steps: the plain transformers+peft+bitsandbytes stack against ours, in one process.
+
+    Args:
+        shape: model shape with random (1B) or real weights: llama-3.2-1b, smollm2-135m, or tiny (CPU tests).
+        seq_len: tokens per row; micro_batch: rows per step; doc_len: packed document length (position_ids restart).
+        rank: LoRA rank (alpha = rank) on all seven projections.
+        steps: timed steps after ``warmup`` untimed ones.
+        gradient_checkpointing: recompute activations in backward (both paths).
+        device: ``auto`` (CUDA when present), ``cuda`` or ``cpu``. bf16 compute on GPU, fp32 on CPU.
+        paths: comma-separated: baseline, ours, or ours+modifiers (sdpa|flex|varlen, compile, liger, fullce).
+        loss_steps: steps on real emoji chats before the held-out loss is compared (0 or real_data=False: skip).
+        loss_model: model for the loss check; ``auto``: tiny-random for the tiny shape, else smollm2-135m.
+        loss_batch: emoji chats per real-data step (packed into rows of 512 tokens).
+        attention, compile, liger, chunked_ce: our path's defaults (modifiers in ``paths`` override them).
+        peak_tflops: the device's bf16 peak for MFU; 0 guesses from the GPU name (H100/H200: 989), none on CPU.
+        output: write the results as JSON here (atomically).
+
+    Returns the results dict; prints a Markdown table. The one surprising thing: MFU counts no recomputation.
+    """
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if dev.type == "cuda" and not peak_tflops:
+        name = torch.cuda.get_device_name(dev)
+        peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 0.0)
+    setup = {"name": shape_model(shape), "rank": rank, "checkpointing": gradient_checkpointing, "device": dev,
+             "seed": seed, "doc_len": doc_len, "peak_tflops": peak_tflops,
+             "loss_model": ("tiny-random" if shape == "tiny" else "smollm2-135m") if loss_model == "auto" else loss_model}
+    defaults = {"attention": attention, "compile": compile, "liger": liger, "chunked_ce": chunked_ce}
+    plans = {p.strip(): path_options(p, defaults) for p in paths.split(",") if p.strip()}
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(converted_folder(resolve_model_source(setup["name"]))).vocab_size
+    batch = synthetic_batch(vocab, micro_batch, seq_len, doc_len, dev)
+    real = emoji_batches(setup["loss_model"], loss_steps, dev, loss_batch) if real_data and loss_steps > 0 else None
+    results = {"settings": {k: str(v) for k, v in {**setup, "shape": shape, "seq_len": seq_len, "micro_batch": micro_batch,
+               "steps": steps, "warmup": warmup, "loss_steps": loss_steps if real else 0}.items()},
+               "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+               "versions": _versions(), "paths": {}}
+    for path, (builder, options) in plans.items():
+        try:
+            entry = {"options": options, **measure_speed(builder, options, setup, batch, steps, warmup)}
+            if real:
+                entry.update(measure_loss(builder, options, setup, *real))
+        except Exception as error:  # one failing variant must not lose the others
+            entry = {"options": options, "error": f"{type(error).__name__}: {error}"}
+            _free(dev)
+        results["paths"][path] = entry
+        print(f"{path}: {entry}", flush=True)
+    print(format_table(results), flush=True)
+    if output:
+        write_json(results, output)
+    return results
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("torch", "transformers", "peft", "bitsandbytes", "liger-kernel", "triton"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found

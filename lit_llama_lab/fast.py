@@ -1,0 +1,178 @@
+"""Speed-path pieces for QLoRA training: a chunked linear cross-entropy, packed-sequence attention inputs, and the
+optional extras (torch.compile of decoder layers, Liger kernels, FlashAttention varlen) the benchmark measures.
+
+Every piece computes the same math as the plain path; ``tests/test_bench.py`` checks the losses agree.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Literal
+
+import torch
+
+Attention = Literal["sdpa", "flex", "varlen"]
+DECODER_KEYS = ("position_ids", "attention_mask", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, chunk by chunk over rows.
+
+    The gradient is computed in the forward pass (softmax minus one-hot, then one matmul per chunk), so neither the
+    full ``[rows, vocab]`` logits nor their fp32 copy ever exist at once and nothing is recomputed in backward.
+    Each chunk's logits are upcast to fp32 before the softmax, as Hugging Face's loss does.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        rows = hidden.shape[0]
+        ctx.weight_dtype = weight.dtype
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        w = weight.to(hidden.dtype)
+        for start in range(0, rows, chunk):
+            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            logits = (h @ w.T).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if need_h or need_w:
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
+                g = probs.div_(max(rows, 1)).to(hidden.dtype)
+                if need_h:
+                    grad_h[start:start + chunk] = g @ w
+                if need_w:
+                    grad_w += g.T.float() @ h.float()
+        ctx.save_for_backward(grad_h, grad_w)
+        return total / max(rows, 1)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
+        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        return gh, gw, None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk: int = 0) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``hidden [rows, d] @ weight [vocab, d].T`` against ``targets [rows]``.
+
+    ``chunk`` rows per step (0: about 2**27 logits per chunk, 512 MiB in fp32). Rows must all be labelled
+    (select them first, as :func:`lit_llama_lab.module.label_loss` does).
+    """
+    if hidden.shape[0] != targets.shape[0]:
+        raise ValueError(f"hidden has {hidden.shape[0]} rows but targets {targets.shape[0]}: select labelled rows.")
+    chunk = chunk or max(1, 2**27 // weight.shape[0])
+    return LinearCrossEntropy.apply(hidden, weight, targets, chunk)
+
+
+def fast_label_loss(model, batch: dict, chunk: int = 0) -> tuple[torch.Tensor, int]:
+    """:func:`lit_llama_lab.module.label_loss`'s math (mean CE over labelled positions) with
+    :func:`linear_cross_entropy`: logits only at labelled positions, in chunks, no full fp32 copy.
+
+    The keys of :data:`DECODER_KEYS` present in ``batch`` (e.g. varlen's ``cu_seq_lens_q``) go to the decoder. Returns ``(loss, labelled token count)``.
+    """
+    from lit_llama_lab.data.masking import IGNORE_INDEX
+
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    extra = {k: v for k, v in batch.items() if k in DECODER_KEYS}
+    hidden = causal_lm.get_decoder()(input_ids=batch["input_ids"], use_cache=False, **extra).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    weight = causal_lm.get_output_embeddings().weight
+    return linear_cross_entropy(hidden[:, :-1][keep], weight, targets[keep], chunk), int(keep.sum())
+
+
+def attention_inputs(batch: dict, attention: Attention) -> dict:
+    """Adapt a packed batch (restarting ``position_ids`` + our 4-D mask) to an attention implementation.
+
+    ``sdpa`` keeps our block-diagonal mask; ``flex`` replaces it by an equal flex ``BlockMask`` (blocks outside
+    a document are skipped); ``varlen`` drops it and adds cumulative sequence lengths over the flattened batch for
+    FlashAttention varlen. Documents are found from ``position_ids`` restarting at 0, so a padding token (position
+    0) is a document of its own in all three, as in :func:`lit_llama_lab.data.packing.block_causal_mask`.
+    """
+    out = {k: v for k, v in batch.items() if k in ("input_ids", "labels", "position_ids")}
+    starts = batch["position_ids"] == 0
+    if attention == "sdpa":
+        out["attention_mask"] = batch["attention_mask"]
+    elif attention == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        docs = starts.long().cumsum(-1)
+        rows, width = docs.shape
+
+        def same_document_causal(b, h, q, kv):
+            return (docs[b, q] == docs[b, kv]) & (q >= kv)
+
+        out["attention_mask"] = create_block_mask(same_document_causal, rows, None, width, width, device=docs.device)
+    elif attention == "varlen":
+        flat = torch.nonzero(starts.flatten()).flatten()
+        cu = torch.cat([flat, torch.tensor([starts.numel()], device=flat.device)]).to(torch.int32)
+        longest = int((cu[1:] - cu[:-1]).max())
+        out.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+    else:
+        raise ValueError(f"Unknown attention {attention!r}; use sdpa, flex or varlen.")
+    return out
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """A transformers attention function over torch's FlashAttention varlen kernel (``torch.nn.attention.varlen``).
+
+    ``query``: ``[batch, heads, seq, dim]``; the batch is flattened into one token stream split by
+    ``cu_seq_lens_q``. Returns ``([batch, seq, heads, dim], None)`` like transformers' sdpa function.
+    """
+    from torch.nn.attention.varlen import varlen_attn
+
+    b, hq, s, d = query.shape
+    q, k, v = (x.transpose(1, 2).reshape(b * s, x.shape[1], d) for x in (query, key, value))
+    cu, longest = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
+    causal = {"is_causal": True} if "is_causal" in inspect.signature(varlen_attn).parameters else {
+        "window_size": (-1, 0)}
+    gqa = {"enable_gqa": True} if hq != key.shape[1] else {}
+    out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, **causal, **gqa)
+    return out.reshape(b, s, hq, d), None
+
+
+def use_attention(model, attention: Attention) -> None:
+    """Switch a loaded model's attention: ``sdpa``, ``flex`` (transformers' flex_attention) or ``varlen``."""
+    if attention == "sdpa":
+        model.set_attn_implementation("sdpa")
+    elif attention == "flex":
+        model.set_attn_implementation("flex_attention")
+    elif attention == "varlen":
+        from transformers import AttentionInterface
+
+        if not torch.cuda.is_available():
+            raise ValueError("attention='varlen' needs a CUDA GPU (FlashAttention); use 'sdpa' or 'flex' on a CPU.")
+        AttentionInterface.register("lit_varlen", varlen_attention_forward)
+        model.set_attn_implementation("lit_varlen")
+    else:
+        raise ValueError(f"Unknown attention {attention!r}; use sdpa, flex or varlen.")
+
+
+def apply_liger(model) -> None:
+    """Liger-Kernel's fused RMSNorm, RoPE and SwiGLU on a Llama model (before adapters are attached).
+
+    Optional: needs ``liger-kernel`` and triton (a CUDA GPU). The loss stays ours (:func:`linear_cross_entropy`).
+    """
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+    except ImportError as error:
+        raise ValueError(f"liger=True needs liger-kernel on a CUDA GPU: pip install liger-kernel==0.8.5 ({error}).") from None
+    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=False, model=model)
+
+
+def compile_decoder_layers(model) -> int:
+    """``torch.compile`` each decoder layer in place (gradient checkpointing stays outside the compiled region).
+
+    Returns the number of layers compiled. The compiled loss must be checked against eager: see the benchmark.
+    """
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = causal_lm.get_decoder().layers
+    for layer in layers:
+        layer.compile()
+    return len(layers)
