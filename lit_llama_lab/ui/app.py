@@ -169,8 +169,8 @@ def build_app(chat_app: ChatApp, concurrency: int = 1):
             clear = gr.Button("Clear", elem_id="clear")
         with gr.Accordion("Generation settings", open=False):
             max_new_tokens = gr.Slider(1, 1024, value=128, step=1, label="Max new tokens", elem_id="max-new-tokens")
-            temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)")
-            min_p = gr.Slider(0.0, 1.0, value=0.1, step=0.01, label="min_p (used when temperature > 0)")
+            temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)", elem_id="temperature")
+            min_p = gr.Slider(0.0, 1.0, value=0.1, step=0.01, label="min_p (used when temperature > 0)", elem_id="min-p")
 
         inputs = [chatbot, text, audio, model, max_new_tokens, temperature, min_p]
         send.click(chat_app.respond, inputs, [chatbot, text, audio], api_name="respond")

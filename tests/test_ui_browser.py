@@ -1,0 +1,114 @@
+"""End to end in a real browser: headless Debian Chromium driven by Playwright against the running Gradio app.
+
+Types a question, uploads a spoken WAV, watches the answer grow in the page (a MutationObserver records every
+text the answer shows), then switches the dropdown to a real LoRA adapter and gets its answer.
+Skipped when /usr/bin/chromium is missing: ``make test-ui`` installs it (apt-get install chromium).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = Path(os.environ.get("CHROMIUM", "/usr/bin/chromium"))
+if not CHROMIUM.is_file():
+    pytest.skip(f"{CHROMIUM} is missing: run `make test-ui` (installs Debian's chromium) to run the browser test",
+                allow_module_level=True)
+pytest.importorskip("playwright", reason="the browser test needs playwright: pip install -e '.[ui]'")
+pytest.importorskip("gradio", reason="the UI needs the 'ui' extra: pip install -e '.[ui]'")
+
+from playwright.sync_api import Page, sync_playwright  # noqa: E402
+from test_ui import SPOKEN, make_adapter  # noqa: E402
+
+from lit_llama_lab.ui.app import WARNING, ChatApp, build_app  # noqa: E402
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync"]
+RECORD_ANSWERS = """() => {
+  window.__answers = [];
+  const chat = document.querySelector('#chat');
+  new MutationObserver(() => {
+    const bots = chat.querySelectorAll('[data-testid=bot]');
+    const text = bots.length ? bots[bots.length - 1].innerText.trim() : '';
+    const seen = window.__answers;
+    if (text && seen[seen.length - 1] !== text) seen.push(text);
+  }).observe(chat, {subtree: true, childList: true, characterData: true});
+}"""
+DONE = "() => document.querySelector('#chat > [data-testid=status-tracker]').classList.contains('hide')"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    make_adapter(runs / "demo" / "checkpoints" / "step-5")
+    demo = build_app(ChatApp(runs_dir=str(runs), base_model="tiny-random"))
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
+                            ssr_mode=False, quiet=True)
+    yield url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def page(server):
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 1000})
+        page.set_default_timeout(120_000)
+        page.goto(server)
+        page.wait_for_selector("#send")  # never "networkidle": Gradio keeps a connection open
+        yield page
+        browser.close()
+
+
+def set_number(page: Page, elem_id: str, value: float) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
+    box.press("Enter")
+
+
+def send_and_wait(page: Page) -> list[str]:
+    """Click Send, wait for the answer to finish, return every answer text the page showed on the way."""
+    page.evaluate(RECORD_ANSWERS)
+    page.locator("#send").click()
+    page.wait_for_function(f"() => !({DONE})()", timeout=10_000)
+    page.wait_for_function(DONE)
+    return page.evaluate("() => window.__answers")
+
+
+def test_spoken_question_streams_an_answer_then_the_adapter_answers(page: Page):
+    page.get_by_text("Generation settings").click()
+    set_number(page, "max-new-tokens", 40)
+    set_number(page, "temperature", 1.0)  # tiny-random's greedy answer is blank lines
+    page.locator("#message textarea").fill("Please answer:")
+    page.locator("#audio button[aria-label='Upload file']").click()
+    page.locator("#audio input[type=file]").set_input_files(str(SPOKEN))
+    page.wait_for_selector("#audio audio[data-testid^=audio-player]", state="attached")  # the upload finished
+
+    shown = first_shown = send_and_wait(page)
+    user = page.locator("#chat [data-testid=user]").last.inner_text().lower()
+    assert user.startswith("please answer:") and "capital" in user and "france" in user
+    final = page.locator("#chat [data-testid=bot]").last.inner_text().strip()
+    assert final and not final.startswith(WARNING.strip())
+    assert len(shown) >= 3, f"the answer should grow over several updates, the page showed {shown}"
+    assert len(shown[0]) < len(final), "the first text shown should be a part of the final answer"
+
+    adapter = "demo · step 5 · val_loss=1.234 · step-5 (adapter)"
+    page.locator("#model input[role=combobox]").click()
+    page.get_by_role("option", name=adapter).click()
+    assert page.locator("#model input[role=combobox]").input_value() == adapter
+    page.locator("#message textarea").fill("Name this emoji: 🐙")
+    shown = send_and_wait(page)
+    bots = page.locator("#chat [data-testid=bot]").all_inner_texts()
+    assert len(bots) == 2
+    assert bots[-1].strip() and not bots[-1].strip().startswith(WARNING.strip()), bots[-1]
+    assert shown and shown[-1] == bots[-1].strip()
+    print("first answer as shown:", [len(text) for text in first_shown], "adapter answer:", [len(text) for text in shown])
