@@ -238,6 +238,38 @@ def test_cli_lists_the_ui_options(capsys):
     assert "127.0.0.1" in help_text
 
 
+def test_the_cli_serves_on_localhost(tmp_path):
+    """``lit-llama-lab ui`` starts a real server bound to 127.0.0.1 only."""
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "lit_llama_lab.cli", "ui", "--port", str(port), "--runs_dir", str(tmp_path),
+               "--base_model", "tiny-random"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
+                    assert response.status == 200 and b"lit-llama-lab chat" in response.read()
+                    break
+            except OSError:
+                assert process.poll() is None, process.stdout.read()
+                time.sleep(0.5)
+        else:
+            pytest.fail("the UI did not answer within 120 s")
+        listening = [line for line in Path("/proc/net/tcp").read_text().splitlines() if f":{port:04X} " in line]
+        assert listening and all(line.split()[1].startswith("0100007F") for line in listening)  # 127.0.0.1 only
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 def test_build_app_wires_a_queued_blocks(chat_app):
     demo = __import__("lit_llama_lab.ui.app", fromlist=["build_app"]).build_app(chat_app, concurrency=1)
     assert demo._queue.default_concurrency_limit == 1

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -75,16 +77,25 @@ def set_number(page: Page, elem_id: str, value: float) -> None:
     box.press("Enter")
 
 
-def send_and_wait(page: Page) -> list[str]:
+def send_and_wait(page: Page, while_generating=None) -> list[str]:
     """Click Send, wait for the answer to finish, return every answer text the page showed on the way."""
     page.evaluate(RECORD_ANSWERS)
     page.locator("#send").click()
     page.wait_for_function(f"() => !({DONE})()", timeout=10_000)
+    if while_generating is not None:
+        while_generating()
     page.wait_for_function(DONE)
     return page.evaluate("() => window.__answers")
 
 
-def test_spoken_question_streams_an_answer_then_the_adapter_answers(page: Page):
+def test_spoken_question_streams_an_answer_then_the_adapter_answers(page: Page, server: str):
+    def another_user_loads_the_page() -> None:  # the queue keeps page loads free while a generation runs
+        start = time.perf_counter()
+        with urllib.request.urlopen(server, timeout=10) as response:
+            assert response.status == 200 and b"gradio" in response.read().lower()
+        assert time.perf_counter() - start < 5.0
+        assert not page.evaluate(DONE), "the generation should still be running while the page loads"
+
     page.get_by_text("Generation settings").click()
     set_number(page, "max-new-tokens", 40)
     set_number(page, "temperature", 1.0)  # tiny-random's greedy answer is blank lines
@@ -93,7 +104,7 @@ def test_spoken_question_streams_an_answer_then_the_adapter_answers(page: Page):
     page.locator("#audio input[type=file]").set_input_files(str(SPOKEN))
     page.wait_for_selector("#audio audio[data-testid^=audio-player]", state="attached")  # the upload finished
 
-    shown = first_shown = send_and_wait(page)
+    shown = first_shown = send_and_wait(page, another_user_loads_the_page)
     user = page.locator("#chat [data-testid=user]").last.inner_text().lower()
     assert user.startswith("please answer:") and "capital" in user and "france" in user
     final = page.locator("#chat [data-testid=bot]").last.inner_text().strip()
