@@ -16,14 +16,7 @@ from typing import Literal
 
 import torch
 
-from lit_llama_lab.fast import (
-    Attention,
-    apply_liger,
-    attention_inputs,
-    compile_decoder_layers,
-    fast_label_loss,
-    use_attention,
-)
+from lit_llama_lab.fast import Attention, attention_inputs, fast_label_loss, fast_peft_model
 from lit_llama_lab.models import (
     cache_dir,
     converted_folder,
@@ -120,22 +113,11 @@ def build_baseline(name: str, rank: int, checkpointing: bool, device: torch.devi
 def build_ours(name: str, rank: int, checkpointing: bool, device: torch.device, seed: int, attention: Attention = "sdpa",
                compile: bool = False, liger: bool = False, chunked_ce: bool = True) -> tuple:
     """Our path: no fp32 upcast, labelled-position loss (chunked), our packing mask or flex/varlen attention."""
-    from peft import get_peft_model
-
     base, _ = load_base_model(name, "nf4", resolve_compute_dtype("auto"), device, "sdpa")
-    base.config.use_cache = False
-    if liger:
-        apply_liger(base)
-    use_attention(base, attention)
-    if checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(seed)
-    model = get_peft_model(base, LoraArgs(r=rank, alpha=rank).peft_config())
-    if compile:
-        compile_decoder_layers(model)
-    if chunked_ce:
-        return model, lambda batch: fast_label_loss(model, batch)[0], lambda b: attention_inputs(b, attention)
-    return model, lambda batch: label_loss(model, batch)[0], lambda b: attention_inputs(b, attention)
+    model = fast_peft_model(base, LoraArgs(r=rank, alpha=rank).peft_config(), checkpointing, attention, compile, liger)
+    loss = (lambda batch: fast_label_loss(model, batch)[0]) if chunked_ce else (lambda b: label_loss(model, b)[0])
+    return model, loss, lambda batch: attention_inputs(batch, attention)
 
 
 def train_steps(model, loss_fn: Callable, batches: list[dict], device: torch.device) -> list[float]:
@@ -297,17 +279,24 @@ def bench(
 
     Args:
         shape: model shape with random (1B) or real weights: llama-3.2-1b, smollm2-135m, or tiny (CPU tests).
-        seq_len: tokens per row; micro_batch: rows per step; doc_len: packed document length (position_ids restart).
+        seq_len: tokens per row of the speed batch.
+        micro_batch: rows per step.
         rank: LoRA rank (alpha = rank) on all seven projections.
         steps: timed steps after ``warmup`` untimed ones.
+        warmup: untimed steps first (compilation, allocator warm-up).
+        doc_len: length of the packed documents in the speed batch (position_ids restart every doc_len tokens).
         gradient_checkpointing: recompute activations in backward (both paths).
         device: ``auto`` (CUDA when present), ``cuda`` or ``cpu``. bf16 compute on GPU, fp32 on CPU.
         paths: comma-separated: baseline, ours, or ours+modifiers (sdpa|flex|varlen, compile, liger, fullce).
         loss_steps: steps on real emoji chats before the held-out loss is compared (0 or real_data=False: skip).
         loss_model: model for the loss check; ``auto``: tiny-random for the tiny shape, else smollm2-135m.
         loss_batch: emoji chats per real-data step (packed into rows of 512 tokens).
-        attention, compile, liger, chunked_ce: our path's defaults (modifiers in ``paths`` override them).
+        attention: our attention for packed rows: sdpa (our 4-D mask), flex (BlockMask) or varlen (FlashAttention).
+        compile: torch.compile our decoder layers.
+        liger: Liger-Kernel RMSNorm/RoPE/SwiGLU in our path (needs liger-kernel and a GPU).
+        chunked_ce: our chunked linear cross-entropy; false uses module.label_loss (fp32 logits at labels).
         peak_tflops: the device's bf16 peak for MFU; 0 guesses from the GPU name (H100/H200: 989), none on CPU.
+        seed: seeds the adapter initialisation (the same for every path).
         output: write the results as JSON here (atomically).
 
     Returns the results dict; prints a Markdown table. The one surprising thing: MFU counts no recomputation.

@@ -129,10 +129,14 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout=
     b, hq, s, d = query.shape
     q, k, v = (x.transpose(1, 2).reshape(b * s, x.shape[1], d) for x in (query, key, value))
     cu, longest = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
-    causal = {"is_causal": True} if "is_causal" in inspect.signature(varlen_attn).parameters else {
-        "window_size": (-1, 0)}
-    gqa = {"enable_gqa": True} if hq != key.shape[1] else {}
-    out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, **causal, **gqa)
+    params = inspect.signature(varlen_attn).parameters  # torch 2.9-2.10: is_causal; later: window_size
+    options = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    if hq != key.shape[1]:
+        if "enable_gqa" in params:
+            options["enable_gqa"] = True
+        else:
+            k, v = (x.repeat_interleave(hq // key.shape[1], dim=1) for x in (k, v))
+    out = varlen_attn(q, k, v, cu, cu, longest, longest, scale=scaling, **options)
     return out.reshape(b, s, hq, d), None
 
 
@@ -176,3 +180,24 @@ def compile_decoder_layers(model) -> int:
     for layer in layers:
         layer.compile()
     return len(layers)
+
+
+def fast_peft_model(base, lora_config, gradient_checkpointing: bool = True, attention: Attention = "sdpa",
+                    compile: bool = False, liger: bool = False):
+    """Our training setup of a loaded (4-bit) base: adapters from ``lora_config`` without peft's
+    ``prepare_model_for_kbit_training`` (its fp32 upcast of embeddings, lm_head and norms costs time and memory and
+    is not needed under bf16 autocast), non-reentrant checkpointing, the chosen attention, optional Liger kernels
+    and compiled decoder layers. Seed torch before calling for a reproducible adapter init.
+    """
+    from peft import get_peft_model
+
+    base.config.use_cache = False
+    if liger:
+        apply_liger(base)
+    use_attention(base, attention)
+    if gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = get_peft_model(base, lora_config)
+    if compile:
+        compile_decoder_layers(model)
+    return model
