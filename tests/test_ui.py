@@ -1,7 +1,9 @@
 """The UI's logic without a browser: model listing, LRU, transcription, streaming answers and bad input.
 
 Runs on the tiny random Llama and a real LoRA adapter saved on it; speech is a real espeak-ng recording
-(tests/data/capital_of_france.wav) transcribed by the embedded Whisper tiny.en.
+(tests/data/capital_of_france.wav) transcribed by the embedded Whisper tiny.en. That WAV (1.9 s, 16 kHz mono,
+60 KB) was made with ``espeak-ng -s 150 -w q.wav "What is the capital of France?"``, resampled to 16 kHz with
+PyAV and trimmed of silence; espeak-ng is not needed to run the tests.
 """
 
 from __future__ import annotations
