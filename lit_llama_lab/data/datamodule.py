@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
-from pathlib import Path
 from typing import Literal
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from lit_llama_lab.data.emoji import TRAIN_WORDINGS, build_emoji_rows, pick_wording
-from lit_llama_lab.data.formats import FORMATS, MalformedRowError, detect_format, row_to_messages
-from lit_llama_lab.data.masking import assistant_labels
-from lit_llama_lab.data.packing import collate_packed, collate_padded, pack_best_fit
+from lit_llama_lab.data.emoji import TRAIN_WORDINGS, pick_wording
+from lit_llama_lab.data.formats import (
+    FORMATS,
+    MalformedRowError,
+    detect_format,  # noqa: F401  (re-exported)
+    detect_rows_format,
+    load_source,
+    row_to_messages,
+)
+from lit_llama_lab.data.masking import assistant_labels_batch
+from lit_llama_lab.data.packing import collate_packed, collate_padded, pack_best_fit, packed_attention_mask
 
 log = logging.getLogger(__name__)
-LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+TOKENIZE_VERSION = "1"  # bump when Tokenize's output changes, to invalidate cached tokenizations
 
 
 class NoTrainableTokensError(ValueError):
@@ -25,37 +32,82 @@ class NoTrainableTokensError(ValueError):
 
 
 def load_rows(source: str, split: str = "train", subset: str | None = None) -> list[dict]:
-    """Rows from ``emoji`` (built offline), a local file/folder (.jsonl/.json/.parquet/.csv) or a hub id."""
-    if source == "emoji":
-        return build_emoji_rows()
-    import datasets
+    """Rows as dicts from ``emoji``, a local file/folder or a hub id (see :func:`load_source`)."""
+    return load_source(source, split, subset).to_list()
 
-    path = Path(source).expanduser()
-    if path.exists():
-        files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES) if path.is_dir() else [path]
-        if not files:
-            raise ValueError(f"{source!r} holds no .jsonl, .json, .parquet or .csv file.")
-        kinds = {LOCAL_SUFFIXES.get(f.suffix) for f in files}
-        if None in kinds or len(kinds) != 1:
-            raise ValueError(f"{source!r}: expected files of one type among {sorted(LOCAL_SUFFIXES)}, got {files}.")
-        try:
-            data = datasets.load_dataset(kinds.pop(), data_files=[str(f) for f in files], split="train")
-        except UnicodeDecodeError as error:
-            raise ValueError(f"{source!r} is not UTF-8 text ({error}); re-encode it as UTF-8.") from None
-        return data.to_list()
-    return datasets.load_dataset(source, subset, split=split).to_list()
+
+def split_indices(n: int, test_fraction: float, val_fraction: float, seed: int) -> dict[str, list[int]]:
+    """Seeded train/val/test row indices (sorted within each split): the same for the same ``n`` and seed."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    n_test, n_val = round(n * test_fraction), round(n * val_fraction)
+    picked = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
+    return {name: sorted(idx) for name, idx in picked.items()}
+
+
+class Tokenize:
+    """The ``datasets.map`` function (batched, with indices): rows → ``input_ids``, ``labels`` and a status.
+
+    Status: ``ok``, ``malformed`` (with ``error``), ``no_labels`` (no assistant token left) or ``dropped``.
+    """
+
+    def __init__(self, tokenizer, fmt: str, split: str, seed: int, emoji_answer: str, max_length: int,
+                 overlong: str) -> None:
+        self.tokenizer, self.fmt, self.split, self.seed = tokenizer, fmt, split, seed
+        self.emoji_answer, self.max_length, self.overlong = emoji_answer, max_length, overlong
+
+    def messages(self, row: dict, index: int) -> list[dict]:
+        if self.fmt != "emoji":
+            return row_to_messages(row, self.fmt)
+        wording = pick_wording(index, self.seed) if self.split == "train" else TRAIN_WORDINGS[0]
+        return row_to_messages(row, self.fmt, wording=wording, style=self.emoji_answer)
+
+    def __call__(self, batch: dict, indices: list[int]) -> dict:
+        n = len(indices)
+        status, error = ["ok"] * n, [""] * n
+        chats: dict[int, list[dict]] = {}
+        for j, index in enumerate(indices):
+            try:
+                chats[j] = self.messages({k: v[j] for k, v in batch.items()}, index)
+            except MalformedRowError as exc:
+                status[j], error[j] = "malformed", str(exc)
+        done = dict(zip(chats, assistant_labels_batch(self.tokenizer, list(chats.values()), self.max_length),
+                        strict=True))
+        out = {"input_ids": [], "labels": [], "status": status, "error": error, "truncated": [False] * n}
+        for j in range(n):
+            chat = done.get(j)
+            keep = chat is not None
+            if keep and chat.truncated:
+                out["truncated"][j] = True
+                if self.overlong == "drop":
+                    status[j], keep = "dropped", False
+            if keep and chat.num_labels == 0:
+                status[j], keep = "no_labels", False
+            out["input_ids"].append(chat.input_ids if keep else [])
+            out["labels"].append(chat.labels if keep else [])
+        return out
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """What the tokenized data depends on in a tokenizer: its files' name, vocabulary size, template, eos/pad."""
+    parts = [tokenizer.name_or_path, len(tokenizer), tokenizer.chat_template, tokenizer.eos_token, tokenizer.pad_token]
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
 
 
 class ChatDataModule(L.LightningDataModule):
     """Chat datasets for causal-LM fine-tuning with loss on assistant tokens only.
 
     Args:
-        source: ``emoji`` (the built-in offline set), a local .jsonl/.json/.parquet/.csv file or folder, or a hub id.
+        source: ``emoji`` (the built-in offline set), a local .jsonl/.json/.parquet/.csv file or folder, or a hub id
+            such as ``mlabonne/FineTome-100k`` (the only form that uses the network).
         format: ``auto`` or one of sharegpt, messages, alpaca, emoji.
         tokenizer: the base model whose tokenizer and chat template are used (linked from ``model.name_or_path``).
-        max_seq_length: longest example in tokens; longer ones are truncated or dropped (``overlong``).
-        batch_size: examples per micro-batch; with ``packing`` they are packed into as few rows as fit.
-        packing: padding-free batches with a block-diagonal mask; otherwise right-padded.
+        max_seq_length: longest example in tokens, and the row length packed batches fill; longer examples are
+            truncated or dropped (``overlong``).
+        batch_size: examples per micro-batch, packed or not; with ``packing`` they are packed best-fit into rows of
+            at most ``max_seq_length`` tokens, so packing never changes the number of optimizer steps.
+        packing: padding-free rows with restarting ``position_ids`` and a block-diagonal causal mask; otherwise
+            right-padded rows.
         test_fraction: share of rows held out for testing, never trained on.
         val_fraction: share of rows (taken from the training part) used for validation.
         seed: seeds the split and the emoji wording choice.
@@ -65,6 +117,9 @@ class ChatDataModule(L.LightningDataModule):
         split: which split of a hub dataset to load.
         subset: the hub dataset's config name, if any.
         num_workers: DataLoader worker processes.
+        num_proc: processes for tokenization (``datasets.map``); None tokenizes in this process.
+        attn_implementation: the model's attention (linked from the model): sets the packed mask's form.
+        cache_dir: where ``datasets`` caches local files and their tokenization (default: the lab cache).
     """
 
     def __init__(
@@ -84,20 +139,26 @@ class ChatDataModule(L.LightningDataModule):
         split: str = "train",
         subset: str | None = None,
         num_workers: int = 0,
+        num_proc: int | None = None,
         attn_implementation: str = "sdpa",
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         if format != "auto" and format not in FORMATS:
             raise ValueError(f"Unknown format {format!r}; use auto or one of {', '.join(FORMATS)}.")
         if not 0 <= test_fraction < 1 or not 0 <= val_fraction < 1 or test_fraction + val_fraction >= 1:
             raise ValueError("test_fraction and val_fraction must be in [0, 1) and leave rows for training.")
+        if max_seq_length < 2:
+            raise ValueError(f"max_seq_length must be at least 2 tokens, got {max_seq_length}.")
         self.save_hyperparameters()
-        self.splits: dict[str, list[dict]] = {}
-        self.rows: dict[str, list[dict]] = {}
+        self.splits: dict = {}  # split name -> datasets.Dataset of input_ids + labels
+        self.rows: dict = {}  # split name -> datasets.Dataset of the source rows
+        self.stats: dict[str, dict[str, int]] = {}
         self._tokenizer = None
 
     @property
     def tokenizer(self):
+        """The base model's tokenizer (eos/pad fixed), loaded on first use."""
         if self._tokenizer is None:
             from lit_llama_lab.models import load_tokenizer
 
@@ -106,72 +167,98 @@ class ChatDataModule(L.LightningDataModule):
 
     def split_rows(self, rows: list[dict]) -> dict[str, list[dict]]:
         """Seeded train/val/test split of rows (the same for the same seed and rows)."""
-        order = list(range(len(rows)))
-        random.Random(self.hparams.seed).shuffle(order)
-        n_test = round(len(rows) * self.hparams.test_fraction)
-        n_val = round(len(rows) * self.hparams.val_fraction)
-        picked = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
-        return {name: [rows[i] for i in sorted(idx)] for name, idx in picked.items()}
+        h = self.hparams
+        return {k: [rows[i] for i in v] for k, v in split_indices(len(rows), h.test_fraction, h.val_fraction, h.seed).items()}
 
-    def _messages(self, row: dict, fmt: str, index: int, split: str) -> list[dict]:
-        if fmt != "emoji":
-            return row_to_messages(row, fmt)
-        wording = pick_wording(index, self.hparams.seed) if split == "train" else TRAIN_WORDINGS[0]
-        return row_to_messages(row, fmt, wording=wording, style=self.hparams.emoji_answer)
+    def tokenize_split(self, rows, fmt: str, split: str):
+        """A ``datasets.Dataset`` of ``input_ids``/``labels`` for ``rows`` (a Dataset or a list of dicts).
 
-    def tokenize_split(self, rows: list[dict], fmt: str, split: str) -> list[dict]:
-        """Chats with labels; malformed, label-less or (with ``overlong=drop``) too long rows are skipped and
-        counted. Raises when nothing trainable is left."""
-        examples, skipped, no_labels, truncated, dropped = [], [], 0, 0, 0
-        for i, row in enumerate(rows):
-            try:
-                messages = self._messages(row, fmt, i, split)
-            except MalformedRowError as error:
-                if self.hparams.strict:
-                    raise MalformedRowError(f"{split} row {i}: {error}") from None
-                skipped.append(i)
-                continue
-            chat = assistant_labels(self.tokenizer, messages, self.hparams.max_seq_length)
-            if chat.truncated and self.hparams.overlong == "drop":
-                dropped += 1
-                continue
-            truncated += chat.truncated
-            if chat.num_labels == 0:
-                no_labels += 1
-                continue
-            examples.append({"input_ids": chat.input_ids, "labels": chat.labels})
-        if skipped:
-            log.warning("%s: skipped %d malformed rows (first: %s)", split, len(skipped), skipped[:5])
-        if truncated or dropped:
-            log.warning("%s: %d examples truncated, %d dropped at %d tokens", split, truncated, dropped,
-                        self.hparams.max_seq_length)
-        if rows and not examples:
+        Malformed, label-less and (``overlong=drop``) too long rows are left out, counted and logged; cached by
+        fingerprint for file sources. Raises :class:`NoTrainableTokensError` when nothing trainable is left.
+        """
+        import datasets
+
+        h = self.hparams
+        data = rows if isinstance(rows, datasets.Dataset) else datasets.Dataset.from_list(list(rows))
+        if len(data) == 0:
+            return data
+        fn = Tokenize(self.tokenizer, fmt, split, h.seed, h.emoji_answer, h.max_seq_length, h.overlong)
+        settings = [data._fingerprint, tokenizer_fingerprint(self.tokenizer), fmt, split, h.seed, h.emoji_answer,
+                    h.max_seq_length, h.overlong, TOKENIZE_VERSION]
+        done = data.map(
+            fn, batched=True, batch_size=256, with_indices=True, remove_columns=data.column_names,
+            num_proc=h.num_proc if h.num_proc and h.num_proc > 1 else None, desc=f"Tokenizing {split}",
+            new_fingerprint=hashlib.sha256(repr(settings).encode()).hexdigest()[:16],
+        )
+        return self._keep_trainable(done, split)
+
+    def _keep_trainable(self, done, split: str):
+        status, truncated = list(done["status"]), list(done["truncated"])
+        count = {k: status.count(k) for k in ("ok", "malformed", "no_labels", "dropped")}
+        count["truncated"] = sum(truncated)
+        self.stats[split] = count
+        malformed = [i for i, s in enumerate(status) if s == "malformed"]
+        if malformed and self.hparams.strict:
+            raise MalformedRowError(f"{split} row {malformed[0]}: {done[malformed[0]]['error']} (--data.strict true)")
+        if malformed:
+            log.warning("%s: skipped %d malformed rows (first: %s; first reason: %s)", split, len(malformed),
+                        malformed[:5], done[malformed[0]]["error"])
+        if count["truncated"] or count["dropped"]:
+            log.warning("%s: %d examples longer than max_seq_length=%d: %s", split, count["truncated"],
+                        self.hparams.max_seq_length, "dropped" if count["dropped"] else "truncated")
+        if count["no_labels"]:
+            log.warning("%s: %d examples had no assistant token after truncation and were left out", split,
+                        count["no_labels"])
+        if not count["ok"]:
             raise NoTrainableTokensError(
-                f"No {split} example has an assistant token left ({no_labels} lost all of them to truncation at "
-                f"max_seq_length={self.hparams.max_seq_length}, {len(skipped)} malformed, {dropped} dropped): "
-                "training would see a loss of zero. Raise --data.max_seq_length or check the data."
+                f"No {split} example has an assistant token left ({count['no_labels']} lost all of them to truncation "
+                f"at max_seq_length={self.hparams.max_seq_length}, {count['malformed']} malformed, {count['dropped']} "
+                "dropped): training would see a loss of zero. Raise --data.max_seq_length or check the data."
             )
-        if no_labels:
-            log.warning("%s: %d examples had no assistant token after truncation and were left out", split, no_labels)
-        return examples
+        keep = [i for i, s in enumerate(status) if s == "ok"]
+        return done.select(keep).select_columns(["input_ids", "labels"])
+
+    def prepare_data(self) -> None:
+        """Download (hub) or read and cache (local files) the source once, before :meth:`setup`."""
+        if self.hparams.source != "emoji":
+            load_source(self.hparams.source, self.hparams.split, self.hparams.subset, self.hparams.cache_dir)
 
     def setup(self, stage: str | None = None) -> None:
+        """Load, detect the format, split and tokenize (once)."""
         if self.splits:
             return
-        rows = load_rows(self.hparams.source, self.hparams.split, self.hparams.subset)
-        if not rows:
-            raise ValueError(f"The data source {self.hparams.source!r} holds no rows.")
-        fmt = detect_format(rows[0].keys()) if self.hparams.format == "auto" else self.hparams.format
-        self.rows = self.split_rows(rows)
+        h = self.hparams
+        data = load_source(h.source, h.split, h.subset, h.cache_dir)
+        if len(data) == 0:
+            raise ValueError(f"The data source {h.source!r} holds no rows.")
+        fmt = detect_rows_format(data) if h.format == "auto" else h.format
+        picked = split_indices(len(data), h.test_fraction, h.val_fraction, h.seed)
+        self.rows = {name: data.select(idx) for name, idx in picked.items()}
         self.splits = {name: self.tokenize_split(part, fmt, name) for name, part in self.rows.items()}
-        log.info("examples: %s", {k: len(v) for k, v in self.splits.items()})
+        log.info("format %s, examples: %s", fmt, {k: len(v) for k, v in self.splits.items()})
 
     def collate(self, examples: list[dict]) -> dict:
+        """Padded rows, or examples packed best-fit into rows of at most ``max_seq_length`` tokens."""
         pad = self.tokenizer.pad_token_id
         if not self.hparams.packing:
             return collate_padded(examples, pad)
         bins = pack_best_fit([len(e["input_ids"]) for e in examples], self.hparams.max_seq_length)
-        return collate_packed([[examples[i] for i in b] for b in bins], pad, self.hparams.attn_implementation)
+        # flex's BlockMask neither pickles (worker processes) nor moves devices: it is built after the transfer.
+        impl = "sdpa" if self.hparams.attn_implementation == "flex_attention" else self.hparams.attn_implementation
+        return collate_packed([[examples[i] for i in b] for b in bins], pad, impl)
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Rebuild a packed batch's mask on its device: eager's additive mask in the model's compute dtype, flex's
+        BlockMask."""
+        impl = self.hparams.attn_implementation
+        if "document_ids" in batch and impl != "sdpa":
+            dtype = torch.float32
+            module = self.trainer.lightning_module if self._trainer is not None else None
+            model = getattr(module, "model", None)
+            if model is not None:
+                dtype = model.get_input_embeddings().weight.dtype
+            batch["attention_mask"] = packed_attention_mask(batch["document_ids"], impl, dtype)
+        return batch
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.hparams.seed)

@@ -1,12 +1,15 @@
-"""Rows of any supported dataset format → one list of ``{role, content}`` messages.
+"""Rows of any supported dataset format → one list of ``{role, content}`` messages, and where rows come from.
 
 Formats: ``sharegpt`` (``conversations`` of ``{from, value}``), ``messages`` (OpenAI-style ``{role, content}``),
 ``alpaca`` (``instruction``, ``input``, ``output``) and ``emoji`` (the emoji dataset's columns).
+Sources: ``emoji`` (built in memory), a local .jsonl/.json/.parquet/.csv file or folder, or a hub id.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import codecs
+from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 from lit_llama_lab.data.emoji import COLUMNS as EMOJI_COLUMNS
 from lit_llama_lab.data.emoji import emoji_messages
@@ -18,6 +21,10 @@ ROLES = ("system", "user", "assistant")
 
 class MalformedRowError(ValueError):
     """A row that cannot become a chat: missing fields, unknown roles, empty turns."""
+
+
+LOCAL_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+DETECT_ROWS = 2000  # rows whose columns are checked for one consistent format
 
 
 def detect_format(columns: Iterable[str]) -> str:
@@ -73,3 +80,106 @@ def row_to_messages(row: dict, fmt: str, **emoji_options) -> list[dict]:
     except (KeyError, TypeError, AttributeError) as error:
         raise MalformedRowError(f"missing or mistyped field {error}") from None
     raise ValueError(f"Unknown format {fmt!r}; use one of {', '.join(FORMATS)} or 'auto'.")
+
+
+def detect_rows_format(rows: Sequence[dict], limit: int = DETECT_ROWS) -> str:
+    """The one format of the first ``limit`` rows, judged by each row's non-empty columns.
+
+    Raises naming the row when a row fits no format, or when rows of two formats are mixed (a loader that unifies
+    columns fills the other format's columns with None).
+    """
+    seen: dict[str, int] = {}
+    for i in range(min(limit, len(rows))):
+        row = rows[i]
+        try:
+            fmt = detect_format(k for k, v in row.items() if v is not None)
+        except ValueError as error:
+            raise ValueError(f"Row {i}: {error}") from None
+        seen.setdefault(fmt, i)
+        if len(seen) > 1:
+            (a, ia), (b, ib) = seen.items()
+            raise ValueError(
+                f"Mixed dataset formats: row {ia} is {a} but row {ib} is {b}. Put each format in its own file, or "
+                f"pass --data.format to read every row as one format (rows that do not fit are skipped and counted)."
+            )
+    if not seen:
+        raise ValueError("The dataset holds no rows.")
+    return next(iter(seen))
+
+
+def check_utf8(path: Path, chunk: int = 1 << 20) -> None:
+    """Raise a clear error if a text file is empty or not UTF-8, naming the line of the first bad byte."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, lines, content = 0, 1, False
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            try:
+                text = decoder.decode(block)
+            except UnicodeDecodeError as error:
+                at = offset + error.start
+                line = lines + block[: error.start].count(b"\n")
+                raise ValueError(
+                    f"{path} is not UTF-8 text: byte {block[error.start]:#04x} at offset {at} (line {line}). "
+                    "Re-encode it as UTF-8, e.g. `iconv -f latin1 -t utf-8 in.jsonl > out.jsonl`."
+                ) from None
+            content = content or bool(text.strip())
+            offset, lines = offset + len(block), lines + block.count(b"\n")
+    if not content:
+        raise ValueError(f"{path} is empty: it holds no rows.")
+
+
+def local_files(path: Path) -> tuple[str, list[str]]:
+    """The ``datasets`` builder name and the data files of a local file or folder (one file type only)."""
+    files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES and p.is_file()) if path.is_dir() else [path]
+    if not files:
+        raise ValueError(f"{str(path)!r} holds no .jsonl, .json, .parquet or .csv file.")
+    kinds = {LOCAL_SUFFIXES.get(f.suffix.lower()) for f in files}
+    if None in kinds or len(kinds) != 1:
+        raise ValueError(
+            f"{str(path)!r}: expected files of one type among {sorted(LOCAL_SUFFIXES)}, got {[f.name for f in files]}."
+        )
+    kind = kinds.pop()
+    for f in files:
+        if kind != "parquet":
+            check_utf8(f)
+        elif f.stat().st_size == 0:
+            raise ValueError(f"{f} is empty: it holds no rows.")
+    return kind, [str(f) for f in files]
+
+
+def load_source(source: str, split: str = "train", subset: str | None = None, cache_dir: str | None = None):
+    """A ``datasets.Dataset`` from ``emoji`` (built in memory), a local file or folder, or a hub id.
+
+    Local files are read by ``datasets`` into ``cache_dir`` (default: the lab cache, never the hub cache); a hub
+    id downloads into the usual hub cache and is the only form that touches the network.
+    """
+    import datasets
+
+    if source == "emoji":
+        from lit_llama_lab.data.emoji import build_emoji_rows
+
+        return datasets.Dataset.from_list(build_emoji_rows())
+    from lit_llama_lab.models import HUB_ID
+    from lit_llama_lab.models import cache_dir as lab_cache
+
+    path = Path(source).expanduser()
+    if path.exists():
+        kind, files = local_files(path)
+        try:
+            return datasets.load_dataset(
+                kind, data_files=files, split="train", cache_dir=cache_dir or str(lab_cache() / "datasets")
+            )
+        except Exception as error:  # pyarrow/datasets raise many types for a malformed file
+            raise ValueError(
+                f"Could not read {source!r} as {kind}: {type(error).__name__}: {error}. Check that every row is "
+                "valid and has the same columns with the same types."
+            ) from error
+    if not HUB_ID.match(source):
+        raise ValueError(f"Data source {source!r}: no such file or folder, and not a hub id like 'owner/name'.")
+    try:
+        return datasets.load_dataset(source, subset, split=split)
+    except (ConnectionError, OSError) as error:
+        raise ValueError(
+            f"Could not load the hub dataset {source!r} ({error}). It needs the network (or a copy in the hub cache); "
+            "or download it once and pass --data.source path/to/local/files."
+        ) from error

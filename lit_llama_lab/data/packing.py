@@ -1,8 +1,12 @@
 """Padding-free packing: best-fit-decreasing bins, ``position_ids`` restarting per example, and a
 block-diagonal causal mask so no token attends across examples in the same bin.
 
-Restarting ``position_ids`` alone does not isolate packed examples under sdpa/eager attention in transformers 5,
-so the 4-D mask is built here.
+Restarting ``position_ids`` alone does not isolate packed examples under sdpa, eager or flex attention in
+transformers 5, so the mask is built here, in the form each attention implementation takes:
+
+* ``sdpa``: a boolean ``[batch, 1, width, width]`` tensor (True = may attend),
+* ``eager``: the same as an additive float tensor (0 / dtype min) in the model's compute dtype,
+* ``flex_attention``: a ``BlockMask`` built from per-token document ids (transformers passes a 4-D mask through).
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from collections.abc import Sequence
 import torch
 
 from lit_llama_lab.data.masking import IGNORE_INDEX
+
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
 
 
 def pack_best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -40,30 +46,72 @@ def pack_best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return bins
 
 
-def block_causal_mask(seq_lengths: Sequence[Sequence[int]], width: int) -> torch.Tensor:
-    """Boolean ``[batch, 1, width, width]`` mask: True where a query may attend a key.
-
-    Row ``r`` holds examples of the given lengths back to back; each attends causally within itself only.
-    Padding positions attend to themselves alone (a fully masked row would give NaN in sdpa).
-    """
-    mask = torch.zeros(len(seq_lengths), 1, width, width, dtype=torch.bool)
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
+def document_ids(seq_lengths: Sequence[Sequence[int]], width: int) -> torch.Tensor:
+    """``[batch, width]`` long tensor: the index of the example each token belongs to within its row, -1 on padding."""
+    ids = torch.full((len(seq_lengths), width), -1, dtype=torch.long)
     for r, lengths in enumerate(seq_lengths):
         start = 0
-        for n in lengths:
-            mask[r, 0, start:start + n, start:start + n] = causal[:n, :n]
+        for d, n in enumerate(lengths):
+            ids[r, start:start + n] = d
             start += n
-        idx = torch.arange(start, width)
-        mask[r, 0, idx, idx] = True
-    return mask
+    return ids
 
 
-def collate_packed(bins: Sequence[Sequence[dict]], pad_id: int, attn_implementation: str = "sdpa") -> dict:
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean ``[batch, 1, width, width]`` mask from :func:`document_ids`: True where a query may attend a key.
+
+    Each example attends causally within itself only. Padding positions attend to themselves alone (a fully
+    masked row would give NaN in sdpa); their outputs carry no label.
+    """
+    width = doc_ids.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=doc_ids.device).tril()
+    same = (doc_ids[:, :, None] == doc_ids[:, None, :]) & (doc_ids[:, :, None] >= 0)
+    eye = torch.eye(width, dtype=torch.bool, device=doc_ids.device)
+    return ((same & causal) | eye).unsqueeze(1)
+
+
+def block_causal_mask(seq_lengths: Sequence[Sequence[int]], width: int) -> torch.Tensor:
+    """Boolean ``[batch, 1, width, width]`` mask for rows holding examples of the given lengths back to back
+    (see :func:`document_mask`)."""
+    return document_mask(document_ids(seq_lengths, width))
+
+
+def flex_block_mask(doc_ids: torch.Tensor):
+    """A flex-attention ``BlockMask`` equal to :func:`document_mask`, built on ``doc_ids``' device."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q, kv):
+        return ((doc_ids[b, q] == doc_ids[b, kv]) & (q >= kv)) | (q == kv)
+
+    batch, width = doc_ids.shape
+    return create_block_mask(mask_mod, batch, None, width, width, device=doc_ids.device, _compile=False)
+
+
+def packed_attention_mask(doc_ids: torch.Tensor, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32):
+    """The block-diagonal causal mask in the form ``attn_implementation`` takes (see the module docstring).
+
+    ``dtype`` matters for eager only: the additive mask must be in the model's compute dtype.
+    """
+    if attn_implementation == "flex_attention":
+        return flex_block_mask(doc_ids)
+    mask = document_mask(doc_ids)
+    if attn_implementation == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    if attn_implementation == "sdpa":
+        return mask
+    raise ValueError(f"Unknown attention implementation {attn_implementation!r}; use one of {ATTENTION_IMPLEMENTATIONS}.")
+
+
+def collate_packed(
+    bins: Sequence[Sequence[dict]], pad_id: int, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
+) -> dict:
     """One row per bin: concatenated ``input_ids``/``labels``, restarting ``position_ids``, block-diagonal mask.
 
-    The mask is boolean for sdpa and additive float (0 / dtype min) for eager attention.
+    Also returns ``document_ids`` so the mask can be rebuilt on another device or dtype
+    (:func:`packed_attention_mask`).
     """
-    width = max(sum(len(ex["input_ids"]) for ex in b) for b in bins)
+    lengths = [[len(ex["input_ids"]) for ex in b] for b in bins]
+    width = max(sum(row) for row in lengths)
     input_ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
     labels = torch.full((len(bins), width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(bins), width), dtype=torch.long)
@@ -75,10 +123,14 @@ def collate_packed(bins: Sequence[Sequence[dict]], pad_id: int, attn_implementat
             labels[r, start:start + n] = torch.as_tensor(ex["labels"])
             position_ids[r, start:start + n] = torch.arange(n)
             start += n
-    mask = block_causal_mask([[len(ex["input_ids"]) for ex in b] for b in bins], width)
-    if attn_implementation == "eager":
-        mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids, "attention_mask": mask}
+    doc_ids = document_ids(lengths, width)
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": position_ids,
+        "attention_mask": packed_attention_mask(doc_ids, attn_implementation, dtype),
+        "document_ids": doc_ids,
+    }
 
 
 def collate_padded(examples: Sequence[dict], pad_id: int) -> dict:
@@ -93,3 +145,10 @@ def collate_padded(examples: Sequence[dict], pad_id: int) -> dict:
         labels[r, :n] = torch.as_tensor(ex["labels"])
         attention_mask[r, :n] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def padding_efficiency(batch: dict) -> float:
+    """Share of a batch's token slots that hold a real token (not padding): 1.0 means no padding at all."""
+    if "document_ids" in batch:
+        return float((batch["document_ids"] >= 0).float().mean())
+    return float(batch["attention_mask"].float().mean())

@@ -1,0 +1,142 @@
+"""Packing: best-fit bins, and packed examples that see exactly what they would see alone (sdpa, eager, flex)."""
+
+import pytest
+import torch
+
+from lit_llama_lab.data.masking import assistant_labels
+from lit_llama_lab.data.packing import (
+    block_causal_mask,
+    collate_packed,
+    collate_padded,
+    document_ids,
+    pack_best_fit,
+    packed_attention_mask,
+    padding_efficiency,
+)
+from lit_llama_lab.models import load_base_model
+from lit_llama_lab.module import label_loss
+
+CHATS = [
+    [{"role": "user", "content": "What is 🐼?"}, {"role": "assistant", "content": "🐼 is the panda emoji."}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Capital of Italy?"},
+     {"role": "assistant", "content": "Rome."}, {"role": "user", "content": "And of Spain?"},
+     {"role": "assistant", "content": "Madrid, on the Manzanares river."}],
+    [{"role": "user", "content": "Count to five."}, {"role": "assistant", "content": "One, two, three, four, five."}],
+]
+
+
+def first_fit(lengths, capacity):
+    bins = []
+    for i, n in enumerate(lengths):
+        for b in bins:
+            if sum(lengths[j] for j in b) + n <= capacity:
+                b.append(i)
+                break
+        else:
+            bins.append([i])
+    return bins
+
+
+def test_pack_best_fit_places_every_index_once_within_capacity():
+    lengths = [int(x) for x in torch.randint(1, 100, (500,), generator=torch.Generator().manual_seed(0))]
+    bins = pack_best_fit(lengths, 128)
+    assert sorted(i for b in bins for i in b) == list(range(500))
+    assert max(sum(lengths[i] for i in b) for b in bins) <= 128
+    assert len(bins) <= len(first_fit(lengths, 128))
+
+
+def test_pack_best_fit_beats_first_fit_on_a_fixed_case():
+    lengths, capacity = [3, 3, 3, 7, 7, 7], 10  # arrival order fills the first bin with the three 3s
+    assert len(first_fit(lengths, capacity)) == 4
+    bins = pack_best_fit(lengths, capacity)
+    assert len(bins) == 3 and sorted(sorted(lengths[i] for i in b) for b in bins) == [[3, 7]] * 3
+
+
+def test_pack_best_fit_refuses_an_example_over_capacity():
+    with pytest.raises(ValueError, match="more than the bin capacity"):
+        pack_best_fit([5, 11], 10)
+
+
+def test_block_causal_mask_is_block_diagonal_and_causal():
+    mask = block_causal_mask([[2, 3]], 6)[0, 0]
+    expected = torch.zeros(6, 6, dtype=torch.bool)
+    expected[:2, :2] = torch.ones(2, 2).tril().bool()
+    expected[2:5, 2:5] = torch.ones(3, 3).tril().bool()
+    expected[5, 5] = True  # padding attends only to itself (no NaN rows)
+    assert torch.equal(mask, expected)
+    assert document_ids([[2, 3]], 6).tolist() == [[0, 0, 1, 1, 1, -1]]
+
+
+def test_eager_mask_is_additive_in_the_model_dtype():
+    ids = document_ids([[2, 3]], 6)
+    for dtype in (torch.float32, torch.bfloat16):
+        mask = packed_attention_mask(ids, "eager", dtype)
+        assert mask.dtype == dtype
+        assert set(mask.unique().tolist()) == {0.0, torch.finfo(dtype).min}
+        assert torch.equal(mask == 0, block_causal_mask([[2, 3]], 6))
+
+
+def tokenized(tokenizer):
+    return [{"input_ids": c.input_ids, "labels": c.labels} for c in (assistant_labels(tokenizer, m) for m in CHATS)]
+
+
+def packed_vs_alone(model, examples, attn_implementation, pad_id):
+    """Per-token losses of the examples packed into one row, and of each example run alone."""
+    packed = collate_packed([examples], pad_id, attn_implementation)
+    with torch.no_grad():
+        together, _, _ = label_loss(model, packed, reduction="none")
+        alone = torch.cat([label_loss(model, collate_padded([ex], pad_id), reduction="none")[0] for ex in examples])
+    return together, alone
+
+
+@pytest.fixture
+def no_compile(monkeypatch):
+    """transformers compiles flex_attention on first use (90 s on this CPU); run flex_attention's eager path
+    instead (same math; the compiled kernel was checked by hand to agree to 2e-7)."""
+    monkeypatch.setattr(torch, "compile", lambda fn=None, **kwargs: fn)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
+def test_packed_examples_match_alone_on_tiny_llama(attn, no_compile):
+    model, tokenizer = load_base_model("tiny-random", quantize="none", compute_dtype=torch.float32, device="cpu",
+                                       attn_implementation=attn)
+    examples = tokenized(tokenizer)
+    together, alone = packed_vs_alone(model, examples, attn, tokenizer.pad_token_id)
+    assert together.shape == alone.shape and together.numel() > 10
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+    # with a plain 2-D mask (restarting position_ids alone) the examples do leak into each other: the test can fail
+    leaky = collate_packed([examples], tokenizer.pad_token_id, "sdpa")
+    leaky["attention_mask"] = torch.ones_like(leaky["input_ids"])
+    with torch.no_grad():
+        assert not torch.allclose(label_loss(model, leaky, reduction="none")[0], alone, atol=1e-3)
+
+
+def test_flex_block_mask_is_accepted_as_attention_mask(no_compile):
+    from torch.nn.attention.flex_attention import BlockMask
+
+    mask = packed_attention_mask(document_ids([[40, 30], [50]], 70), "flex_attention")
+    assert isinstance(mask, BlockMask) and tuple(mask.shape) == (2, 1, 70, 70)
+
+
+@pytest.mark.slow
+def test_packed_examples_match_alone_on_smollm2_4bit(smol_4bit):
+    """sdpa and eager on the real model (flex's uncompiled reference path takes minutes at 30 layers on a CPU)."""
+    model, tokenizer = smol_4bit
+    examples = tokenized(tokenizer)
+    try:
+        for attn in ("sdpa", "eager"):
+            model.set_attn_implementation(attn)
+            together, alone = packed_vs_alone(model, examples, attn, tokenizer.pad_token_id)
+            torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-4, msg=lambda m, a=attn: f"{a}: {m}")
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+def test_collate_padded_and_efficiency():
+    examples = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}, {"input_ids": [4], "labels": [4]}]
+    padded = collate_padded(examples, 0)
+    assert padded["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
+    assert padded["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
+    assert padding_efficiency(padded) == pytest.approx(4 / 6)
+    packed = collate_packed([examples], 0)
+    assert packed["position_ids"].tolist() == [[0, 1, 2, 0]] and padding_efficiency(packed) == 1.0
