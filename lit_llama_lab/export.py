@@ -1,0 +1,278 @@
+"""Export a checkpoint: merge its LoRA adapters into the base, save an HF folder, and write GGUF files.
+
+Which base weights the adapters are merged into matters. A QLoRA adapter learned to correct the *4-bit* base
+it was trained against, so by default (``merge_into="dequantized"``) every 4-bit layer is dequantized exactly
+(``bitsandbytes.functional.dequantize_4bit``) and the adapter added to that: the merged model then computes what
+base+adapter computed in training. ``merge_into="original"`` adds it to the 16-bit weights the 4-bit ones were
+made from instead: closer to the base model as published, but the adapter never saw those weights.
+The merge itself runs in float32 on plain ``nn.Linear`` layers (peft re-quantizes when merging into 4-bit
+layers, which would silently throw most of the update away).
+
+Exports are atomic: everything is written into a hidden sibling folder, checked, then renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from lit_llama_lab.gguf_writer import GGUF_TYPES, source_pre_tokenizer, write_gguf
+from lit_llama_lab.models import (
+    ADAPTER_METADATA,
+    TINY_RANDOM,
+    embedded_gguf_path,
+    fix_special_tokens,
+    load_base_model,
+    load_for_inference,
+    resolve_model_source,
+)
+
+log = logging.getLogger(__name__)
+
+EXPORT_METADATA = "export.json"
+GGUF_SUBFOLDER = "gguf"
+SAVE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# A fixed batch to measure how far the merged model's logits are from base+adapter's.
+FIDELITY_PROMPTS = (
+    "What is 🐍?",
+    "Name the following emoji: 🎉",
+    "Tell me what 🌋 represents.",
+    "Write one sentence about the sea.",
+)
+
+
+class ExportError(ValueError):
+    """A checkpoint or output folder that cannot be exported from or into; the message names the fix."""
+
+
+def read_checkpoint(folder: Path) -> dict:
+    """Check an adapter checkpoint folder before any loading; return its metadata (base model, quantize…).
+
+    Raises :class:`ExportError` for a missing folder, a folder without ``adapter_config.json``, an adapter
+    not in safetensors, or files that do not parse.
+    """
+    if not folder.is_dir():
+        raise ExportError(f"Checkpoint {str(folder)!r} does not exist: pass an adapter folder written by training.")
+    if not (folder / "adapter_config.json").is_file():
+        raise ExportError(
+            f"{str(folder)!r} is no adapter checkpoint: it has no adapter_config.json. Pass the folder a "
+            "checkpoint callback wrote (adapter_config.json + adapter_model.safetensors)."
+        )
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ExportError(f"{str(folder)!r} has no adapter_model.safetensors (only safetensors adapters are loaded).")
+    meta: dict = {}
+    try:
+        adapter_config = json.loads((folder / "adapter_config.json").read_text())
+        if (folder / ADAPTER_METADATA).is_file():
+            meta = json.loads((folder / ADAPTER_METADATA).read_text())
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as handle:
+            if not list(handle.keys()):
+                raise ValueError("it holds no tensors")
+    except Exception as error:  # noqa: BLE001 - any parse failure means the same thing to the user
+        raise ExportError(f"Checkpoint {str(folder)!r} is corrupt or incomplete ({error}); pick another one.") from error
+    meta.setdefault("base_model", adapter_config.get("base_model_name_or_path"))
+    meta.setdefault("quantize", "nf4")
+    if not meta["base_model"]:
+        raise ExportError(f"Checkpoint {str(folder)!r} names no base model; pass --base_model.")
+    return meta
+
+
+def check_output(output: Path, checkpoint: Path, overwrite: bool) -> None:
+    """Refuse outputs that would lose something: a non-empty folder without ``overwrite``, a file, the checkpoint."""
+    if output.resolve() == checkpoint.resolve() or output.resolve() in checkpoint.resolve().parents:
+        raise ExportError(f"Output {str(output)!r} would replace the checkpoint itself; choose another folder.")
+    if output.exists() and not output.is_dir():
+        raise ExportError(f"Output {str(output)!r} exists and is a file; choose a folder path.")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise ExportError(f"Output folder {str(output)!r} exists and is not empty; pass --overwrite to replace it.")
+
+
+def dequantized_state_dict(model) -> dict[str, torch.Tensor]:
+    """All weights of a (4-bit) model in float32, each 4-bit layer dequantized exactly as its forward pass does."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    state = {}
+    for name, param in model.named_parameters():
+        if isinstance(param, bnb.nn.Params4bit):
+            state[name] = dequantize_4bit(param.data, param.quant_state).float().cpu()
+        else:
+            state[name] = param.detach().float().cpu()
+    return state
+
+
+def dense_base(base_model: str, merge_into: str, quantize: str):
+    """The base as a float32 model of plain layers: the dequantized 4-bit weights, or the original ones."""
+    from transformers import AutoModelForCausalLM
+
+    if merge_into == "original" or quantize == "none":
+        return load_base_model(base_model, quantize="none", compute_dtype=torch.float32, device="cpu")
+    quantized, tokenizer = load_base_model(base_model, quantize=quantize, compute_dtype=torch.float32)
+    state = dequantized_state_dict(quantized)
+    config_dict = quantized.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(type(quantized.config).from_dict(config_dict), dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"Dequantized weights do not fit the model: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    return model.eval(), tokenizer
+
+
+def merged_model(checkpoint: Path, base_model: str, merge_into: str, quantize: str):
+    """Base (see :func:`dense_base`) with the checkpoint's adapters merged in, float32, plus the tokenizer."""
+    from peft import PeftModel
+
+    base, tokenizer = dense_base(base_model, merge_into, quantize)
+    model = PeftModel.from_pretrained(base, checkpoint, is_trainable=False).merge_and_unload(safe_merge=True)
+    fix_special_tokens(tokenizer, model)
+    tokenizer.padding_side = "left"
+    return model.eval(), tokenizer
+
+
+def fidelity_batch(tokenizer, prompts=FIDELITY_PROMPTS) -> dict[str, torch.Tensor]:
+    """The fixed batch (chat-templated prompts, left-padded) the logit comparisons run on."""
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True) for p in prompts]
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+@torch.no_grad()
+def logit_gap(reference, candidate, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """How far ``candidate``'s logits are from ``reference``'s on the real (non-pad) positions of ``batch``.
+
+    Returns ``max_abs`` and ``mean_abs`` (logit units) and ``top1_agreement`` (fraction of positions whose
+    argmax token matches).
+    """
+    keep = batch["attention_mask"].bool()
+    logits = []
+    for model in (reference, candidate):
+        device = next(model.parameters()).device
+        out = model(**{k: v.to(device) for k, v in batch.items()}).logits.float().cpu()
+        logits.append(out[keep])
+    gap = (logits[0] - logits[1]).abs()
+    agree = (logits[0].argmax(-1) == logits[1].argmax(-1)).float().mean()
+    return {"max_abs": gap.max().item(), "mean_abs": gap.mean().item(), "top1_agreement": agree.item()}
+
+
+def parse_gguf_types(gguf: list[str] | str | None) -> list[str]:
+    """``"f16,q8_0"``, ``["f16"]``, ``"none"`` or ``""`` → a validated list of GGUF types."""
+    items = gguf.split(",") if isinstance(gguf, str) else list(gguf or [])
+    types = [t.strip().lower() for t in items if t.strip() and t.strip().lower() != "none"]
+    bad = [t for t in types if t not in GGUF_TYPES]
+    if bad:
+        raise ExportError(f"Unknown GGUF type(s) {bad}; choose from {', '.join(GGUF_TYPES)} (comma-separated).")
+    return list(dict.fromkeys(types))
+
+
+def _source_gguf(base_model: str) -> Path | None:
+    source = resolve_model_source(base_model)
+    if source.kind == "embedded" and source.location != TINY_RANDOM:
+        return embedded_gguf_path(source.location)
+    return Path(source.location) if source.kind == "gguf" else None
+
+
+def _write_folder(tmp: Path, model, tokenizer, dtype: str, gguf_types: list[str], name: str, pre: str) -> list[str]:
+    """Save the HF files and GGUF files of a merged float32 ``model`` into ``tmp``; return the GGUF file names."""
+    state = {k: v for k, v in model.state_dict().items()}
+    model.generation_config.do_sample = False
+    model.to(SAVE_DTYPES[dtype]).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    files = []
+    for qtype in gguf_types:
+        # In a subfolder of their own: transformers reads tokenizer files lying beside a GGUF instead of the GGUF's.
+        (tmp / GGUF_SUBFOLDER).mkdir(exist_ok=True)
+        path = write_gguf(tmp / GGUF_SUBFOLDER / f"{name}-{qtype}.gguf", state, model.config, tokenizer, qtype,
+                          name=name, pre=pre)
+        files.append(f"{GGUF_SUBFOLDER}/{path.name}")
+    return files
+
+
+def _replace_folder(tmp: Path, output: Path) -> None:
+    """Move the finished ``tmp`` into ``output``; an old ``output`` is only deleted once the new one is in place."""
+    old = None
+    if output.exists():
+        old = output.with_name(f".{output.name}.old-{os.getpid()}-{int(time.time())}")
+        os.replace(output, old)
+    os.replace(tmp, output)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export(
+    checkpoint: str,
+    output: str,
+    merge_into: Literal["dequantized", "original"] = "dequantized",
+    gguf: list[str] | str = "f16,q8_0",
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
+    base_model: str | None = None,
+    verify: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Merge an adapter checkpoint into its base; write an HF folder (and GGUF files) at ``output``.
+
+    Args:
+        checkpoint: adapter folder (adapter_config.json + adapter_model.safetensors + lit_llama_lab.json).
+        output: folder to create; holds config, model.safetensors, tokenizer, chat template, export.json and
+            ``gguf/<name>-<type>.gguf`` files. Loadable by ``evaluate``/``ui`` as a folder or through a .gguf path.
+        merge_into: ``dequantized``: the 4-bit weights the adapter was trained against, dequantized (default,
+            matches base+adapter); ``original``: the 16-bit weights before quantization.
+        gguf: GGUF types to write, comma-separated or a list: ``f16``, ``q8_0``; ``none`` for no GGUF.
+        dtype: dtype of the saved safetensors (GGUF files are written from the float32 merge).
+        base_model: base to merge into instead of the one the checkpoint names (e.g. if it moved).
+        verify: reload the saved folder and record its logit gap to base+adapter (4-bit) in export.json.
+        overwrite: replace a non-empty ``output`` folder (the old one is removed only after the new is complete).
+    """
+    source, target = Path(checkpoint).expanduser(), Path(output).expanduser()
+    meta = read_checkpoint(source)
+    check_output(target, source, overwrite)
+    gguf_types = parse_gguf_types(gguf)
+    base = base_model or meta["base_model"]
+    model, tokenizer = merged_model(source, base, merge_into, meta["quantize"])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        files = _write_folder(tmp, model, tokenizer, dtype, gguf_types, target.name, source_pre_tokenizer(_source_gguf(base)))
+        record = {"checkpoint": str(source.resolve()), "base_model": base, "quantize": meta["quantize"],
+                  "merge_into": merge_into, "dtype": dtype, "gguf": files, "global_step": meta.get("global_step")}
+        if verify:
+            record["logit_gap_vs_adapter"] = verify_export(tmp, source, base, files)
+            log.info("Merged vs base+adapter logits: %s", record["logit_gap_vs_adapter"])
+        (tmp / EXPORT_METADATA).write_text(json.dumps(record, indent=2) + "\n")
+        os.chmod(tmp, 0o755)
+        if target.is_dir() and any(target.iterdir()) and not overwrite:  # appeared while we worked
+            raise ExportError(f"Output folder {str(target)!r} was filled by someone else meanwhile; nothing written.")
+        _replace_folder(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"Exported {source} -> {target} ({merge_into} base, {dtype}; GGUF: {', '.join(files) or 'none'})")
+    return target
+
+
+def verify_export(folder: Path, checkpoint: Path, base_model: str, gguf_files: list[str]) -> dict[str, dict]:
+    """Logit gaps (see :func:`logit_gap`) to base+adapter as trained (4-bit), on :data:`FIDELITY_PROMPTS`:
+    of the saved safetensors model and of each GGUF file as transformers loads it, all run in float32."""
+    from transformers import AutoModelForCausalLM
+
+    if base_model != read_checkpoint(checkpoint)["base_model"]:
+        return {}  # base+adapter as trained cannot be rebuilt from another base
+    reference, tokenizer = load_for_inference(str(checkpoint), compute_dtype="float32")
+    batch = fidelity_batch(tokenizer)
+    gaps = {}
+    for name in ["model.safetensors", *gguf_files]:
+        path = folder / name
+        kwargs = {"gguf_file": path.name} if name.endswith(".gguf") else {"use_safetensors": True}
+        candidate = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs).eval()
+        gaps[name] = logit_gap(reference, candidate, batch)
+    return gaps

@@ -1,0 +1,185 @@
+"""Export: merged logits equal base+adapter's, GGUF round trips through transformers, bad input loses nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lit_llama_lab.export import ExportError, export, fidelity_batch, logit_gap
+from lit_llama_lab.generation import generate
+from lit_llama_lab.models import load_base_model, load_for_inference
+
+PROMPTS = ["What is 🐍?", "Name the following emoji: 🎉", "Tell me a story about a cat.", "2+2="]
+# Merged (float32 save) vs base+adapter in 4-bit, both run in float32: only summation order differs.
+MERGE_TOLERANCE = 1e-4
+# Q8_0 rounds each weight to 1/127 of its block's largest magnitude; measured ~0.013 on tiny-random.
+Q8_0_TOLERANCE = 0.05
+
+
+def make_checkpoint(folder: Path, base: str = "tiny-random", scale: float = 0.05, seed: int = 0) -> Path:
+    """An adapter checkpoint as training writes it, with random B matrices so that merging changes the model."""
+    model, _ = load_base_model(base, quantize="nf4", compute_dtype=torch.float32, device="cpu")
+    config = LoraConfig(r=8, lora_alpha=16, task_type="CAUSAL_LM", target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    peft_model = get_peft_model(model, config)
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn(param.shape, generator=generator) * scale
+    peft_model.save_pretrained(folder)
+    (folder / "lit_llama_lab.json").write_text(json.dumps({"base_model": base, "quantize": "nf4", "global_step": 3}))
+    return folder
+
+
+def load_gguf(path: Path):
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+def greedy(model, tokenizer, prompts=PROMPTS) -> list[list[int]]:
+    chats = [[{"role": "user", "content": p}] for p in prompts]
+    tokenizer.padding_side = "left"
+    return [g.token_ids for g in generate(model, tokenizer, chats, max_new_tokens=12, temperature=0.0)]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "step-3")
+
+
+@pytest.fixture(scope="module")
+def fp16_export(checkpoint, tmp_path_factory) -> Path:
+    """One export with both GGUF types; float16 safetensors so the F16 GGUF holds exactly the same weights."""
+    return export(str(checkpoint), str(tmp_path_factory.mktemp("exports") / "tiny"), dtype="float16", verify=False)
+
+
+def test_merged_logits_equal_adapter_logits(checkpoint, tmp_path):
+    reference, tokenizer = load_for_inference(str(checkpoint), compute_dtype="float32")
+    base, _ = load_for_inference("tiny-random", compute_dtype="float32")
+    batch = fidelity_batch(tokenizer)
+    assert logit_gap(reference, base, batch)["max_abs"] > 100 * MERGE_TOLERANCE  # the adapter matters
+    out = export(str(checkpoint), str(tmp_path / "merged"), gguf="none", dtype="float32", verify=False)
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert logit_gap(reference, merged, batch)["max_abs"] < MERGE_TOLERANCE
+
+
+def test_merge_into_original_is_further_from_the_trained_model(checkpoint, tmp_path):
+    gaps = {}
+    for merge_into in ("dequantized", "original"):
+        out = export(str(checkpoint), str(tmp_path / merge_into), merge_into=merge_into, gguf="", dtype="float32")
+        gaps[merge_into] = json.loads((out / "export.json").read_text())["logit_gap_vs_adapter"]["model.safetensors"]
+    assert gaps["dequantized"]["max_abs"] < MERGE_TOLERANCE < gaps["original"]["max_abs"]
+
+
+def test_exported_folder_holds_tokenizer_config_and_metadata(fp16_export, checkpoint):
+    names = {p.name for p in fp16_export.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja",
+            "export.json", "gguf"} <= names
+    assert sorted(os.listdir(fp16_export / "gguf")) == ["tiny-f16.gguf", "tiny-q8_0.gguf"]
+    tokenizer = AutoTokenizer.from_pretrained(fp16_export)
+    assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
+    generation = json.loads((fp16_export / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == tokenizer.eos_token_id and generation["pad_token_id"] == tokenizer.pad_token_id
+    record = json.loads((fp16_export / "export.json").read_text())
+    assert record["merge_into"] == "dequantized" and record["global_step"] == 3
+    assert not [n for n in os.listdir(fp16_export.parent) if n.startswith(".")]  # no temp leftovers
+
+
+def test_f16_gguf_round_trip_gives_same_greedy_answers(fp16_export, tmp_path):
+    merged = AutoModelForCausalLM.from_pretrained(fp16_export, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(fp16_export)
+    gguf_model, gguf_tokenizer = load_gguf(fp16_export / "gguf" / "tiny-f16.gguf")
+    for name in ("eos_token", "pad_token", "bos_token", "chat_template"):
+        assert getattr(gguf_tokenizer, name) == getattr(tokenizer, name), name
+    text = "Hi <|im_start|>user naïve 🐍 123\n\n  x"
+    assert gguf_tokenizer(text).input_ids == tokenizer(text).input_ids
+    assert logit_gap(merged, gguf_model, fidelity_batch(tokenizer))["max_abs"] < 1e-4
+    assert greedy(gguf_model, gguf_tokenizer) == greedy(merged, tokenizer)
+
+
+def test_q8_0_gguf_logits_are_close(fp16_export, tmp_path):
+    merged = AutoModelForCausalLM.from_pretrained(fp16_export, dtype=torch.float32).eval()
+    gguf_model, _ = load_gguf(fp16_export / "gguf" / "tiny-q8_0.gguf")
+    gap = logit_gap(merged, gguf_model, fidelity_batch(AutoTokenizer.from_pretrained(fp16_export)))
+    assert 0 < gap["max_abs"] < Q8_0_TOLERANCE and gap["top1_agreement"] >= 0.95
+    assert (fp16_export / "gguf/tiny-q8_0.gguf").stat().st_size < 0.7 * (fp16_export / "gguf/tiny-f16.gguf").stat().st_size
+
+
+def test_load_base_model_accepts_exported_folder_and_gguf(fp16_export, monkeypatch, tmp_path):
+    merged = AutoModelForCausalLM.from_pretrained(fp16_export, dtype=torch.float32).eval()
+    monkeypatch.setenv("LIT_LLAMA_LAB_CACHE", str(tmp_path / "cache"))  # the GGUF is converted into this cache
+    for source in (fp16_export, fp16_export / "gguf" / "tiny-f16.gguf"):
+        model, tokenizer = load_base_model(str(source), quantize="none", compute_dtype=torch.float32, device="cpu")
+        assert tokenizer.eos_token == "<|im_end|>"
+        assert logit_gap(merged, model, fidelity_batch(tokenizer))["max_abs"] < 1e-2  # GGUF path stores bf16
+
+
+def test_cli_runs_export(checkpoint, tmp_path):
+    from lit_llama_lab.cli import main
+
+    main(["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "cli"), "--gguf", "q8_0",
+          "--verify", "false"])
+    assert os.listdir(tmp_path / "cli" / "gguf") == ["cli-q8_0.gguf"]
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path):
+    with pytest.raises(ExportError, match="does not exist"):
+        export(str(tmp_path / "nope"), str(tmp_path / "out"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExportError, match="no adapter_config.json"):
+        export(str(tmp_path / "empty"), str(tmp_path / "out"))
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "adapter_config.json").write_text("{}")
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": trunc")
+    with pytest.raises(ExportError, match="corrupt"):
+        export(str(corrupt), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_kept_without_overwrite(checkpoint, tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="--overwrite"):
+        export(str(checkpoint), str(out), gguf="none")
+    with pytest.raises(ExportError, match="replace the checkpoint"):
+        export(str(checkpoint), str(checkpoint.parent), gguf="none", overwrite=True)
+    with pytest.raises(ExportError, match="Unknown GGUF"):
+        export(str(checkpoint), str(tmp_path / "x"), gguf="q4_k")
+    assert (out / "precious.txt").read_text() == "keep me" and (checkpoint / "adapter_model.safetensors").is_file()
+    export(str(checkpoint), str(out), gguf="none", verify=False, overwrite=True)
+    assert not (out / "precious.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_failed_export_leaves_nothing_and_keeps_old_output(checkpoint, tmp_path):
+    """A base whose rope scaling GGUF export refuses fails after the safetensors are written: nothing may show."""
+    from transformers import LlamaForCausalLM
+
+    base, tokenizer = load_base_model("tiny-random", quantize="none", compute_dtype=torch.float32, device="cpu")
+    base.config.rope_parameters = {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    LlamaForCausalLM(base.config).save_pretrained(tmp_path / "scaled-base")
+    tokenizer.save_pretrained(tmp_path / "scaled-base")
+    out = tmp_path / "exports" / "model"
+    out.mkdir(parents=True)
+    (out / "old.txt").write_text("old export")
+    with pytest.raises(ValueError, match="rotary"):
+        export(str(checkpoint), str(out), base_model=str(tmp_path / "scaled-base"), overwrite=True)
+    assert sorted(os.listdir(out.parent)) == ["model"] and os.listdir(out) == ["old.txt"]
+
+
+@pytest.mark.slow
+def test_smollm2_merge_and_f16_gguf_round_trip(tmp_path):
+    checkpoint = make_checkpoint(tmp_path / "ckpt", base="smollm2-135m", scale=0.01)
+    out = export(str(checkpoint), str(tmp_path / "smol"), gguf="f16", dtype="float16")
+    gaps = json.loads((out / "export.json").read_text())["logit_gap_vs_adapter"]
+    assert gaps["model.safetensors"]["top1_agreement"] == 1.0 and gaps["model.safetensors"]["max_abs"] < 0.1
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    gguf_model, gguf_tokenizer = load_gguf(out / "gguf" / "smol-f16.gguf")
+    assert greedy(gguf_model, gguf_tokenizer) == greedy(merged, AutoTokenizer.from_pretrained(out))
