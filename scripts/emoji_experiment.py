@@ -32,20 +32,22 @@ def main():
     cli = LabCLI(QLoRAModule, ChatDataModule, args=args[1:], run=False)
     data, module = cli.datamodule, cli.model
     data.setup("fit")
-    tokens = sum(len(e["input_ids"]) for e in data.splits["train"]) * cli.trainer.max_epochs
+    epoch_tokens = sum(len(e["input_ids"]) for e in data.splits["train"])
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     cli.trainer.fit(module, datamodule=data)
     seconds = time.perf_counter() - start
-    result = {"args": args, "train_seconds": seconds, "train_tokens": tokens, "tokens_per_s": tokens / seconds,
+    tokens = epoch_tokens * max(1, cli.trainer.current_epoch)
+    result = {"args": args, "epochs": cli.trainer.current_epoch, "steps": cli.trainer.global_step, "train_seconds": seconds, "train_tokens": tokens, "tokens_per_s": tokens / seconds,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
               "val_loss": float(cli.trainer.callback_metrics.get("val_loss", float("nan")))}
     model, tok = module.model, module.tokenizer
     limit = int(__import__("os").environ.get("EVAL_LIMIT", "100000"))
-    result["train"] = accuracy(model, tok, data.rows["train"][:limit], TRAIN_WORDINGS[:1])
-    result["test"] = accuracy(model, tok, data.rows["test"][:limit], TRAIN_WORDINGS[:1])
-    result["train_heldout_wording"] = accuracy(model, tok, data.rows["train"][:limit], HELDOUT_WORDINGS)
+    train, test = (list(data.rows[s])[:limit] for s in ("train", "test"))
+    result["train"] = accuracy(model, tok, train, TRAIN_WORDINGS[:1])
+    result["test"] = accuracy(model, tok, test, TRAIN_WORDINGS[:1])
+    result["train_heldout_wording"] = accuracy(model, tok, train, HELDOUT_WORDINGS)
     print(json.dumps(result, ensure_ascii=False, indent=1))
     with open(out, "w") as f:
         json.dump(result, f, ensure_ascii=False, indent=1)
