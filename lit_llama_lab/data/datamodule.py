@@ -253,7 +253,7 @@ class ChatDataModule(L.LightningDataModule):
         impl = self.hparams.attn_implementation
         if "document_ids" in batch and impl != "sdpa":
             dtype = torch.float32
-            module = self.trainer.lightning_module if self._trainer is not None else None
+            module = self.trainer.lightning_module if self.trainer is not None else None
             model = getattr(module, "model", None)
             if model is not None:
                 dtype = model.get_input_embeddings().weight.dtype
