@@ -250,7 +250,8 @@ def export(
             record["logit_gap_vs_adapter"] = verify_export(tmp, source, base, files)
             log.info("Merged vs base+adapter logits: %s", record["logit_gap_vs_adapter"])
         (tmp / EXPORT_METADATA).write_text(json.dumps(record, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
+        for path in (tmp, *tmp.rglob("*")):  # mkdtemp/mkstemp make owner-only folders and files
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
         if target.is_dir() and any(target.iterdir()) and not overwrite:  # appeared while we worked
             raise ExportError(f"Output folder {str(target)!r} was filled by someone else meanwhile; nothing written.")
         _replace_folder(tmp, target)
