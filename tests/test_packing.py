@@ -9,6 +9,7 @@ from lit_llama_lab.data.packing import (
     collate_packed,
     collate_padded,
     document_ids,
+    pack_balanced,
     pack_best_fit,
     packed_attention_mask,
     padding_efficiency,
@@ -50,6 +51,15 @@ def test_pack_best_fit_beats_first_fit_on_a_fixed_case():
     assert len(first_fit(lengths, capacity)) == 4
     bins = pack_best_fit(lengths, capacity)
     assert len(bins) == 3 and sorted(sorted(lengths[i] for i in b) for b in bins) == [[3, 7]] * 3
+
+
+def test_pack_balanced_uses_as_many_rows_but_a_narrower_widest_row():
+    lengths = [900, 800, 700, 300, 200, 100, 60, 40]
+    best, even = pack_best_fit(lengths, 2048), pack_balanced(lengths, 2048)
+    assert len(even) == len(best) == 2 and sorted(i for b in even for i in b) == list(range(8))
+    widest = [max(sum(lengths[i] for i in b) for b in bins) for bins in (best, even)]
+    assert widest == [2040, 1560]
+    assert pack_balanced([10, 10, 10], 10) == [[0], [1], [2]]
 
 
 def test_pack_best_fit_refuses_an_example_over_capacity():

@@ -21,7 +21,7 @@ from lit_llama_lab.data.formats import (
     row_to_messages,
 )
 from lit_llama_lab.data.masking import assistant_labels_batch
-from lit_llama_lab.data.packing import collate_packed, collate_padded, pack_best_fit, packed_attention_mask
+from lit_llama_lab.data.packing import collate_packed, collate_padded, pack_balanced, packed_attention_mask
 
 log = logging.getLogger(__name__)
 TOKENIZE_VERSION = "1"  # bump when Tokenize's output changes, to invalidate cached tokenizations
@@ -238,11 +238,12 @@ class ChatDataModule(L.LightningDataModule):
         log.info("format %s, examples: %s", fmt, {k: len(v) for k, v in self.splits.items()})
 
     def collate(self, examples: list[dict]) -> dict:
-        """Padded rows, or examples packed best-fit into rows of at most ``max_seq_length`` tokens."""
+        """Padded rows, or examples packed into as few rows of at most ``max_seq_length`` tokens as best-fit needs,
+        filled evenly."""
         pad = self.tokenizer.pad_token_id
         if not self.hparams.packing:
             return collate_padded(examples, pad)
-        bins = pack_best_fit([len(e["input_ids"]) for e in examples], self.hparams.max_seq_length)
+        bins = pack_balanced([len(e["input_ids"]) for e in examples], self.hparams.max_seq_length)
         # flex's BlockMask neither pickles (worker processes) nor moves devices: it is built after the transfer.
         impl = "sdpa" if self.hparams.attn_implementation == "flex_attention" else self.hparams.attn_implementation
         return collate_packed([[examples[i] for i in b] for b in bins], pad, impl)

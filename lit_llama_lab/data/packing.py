@@ -46,6 +46,22 @@ def pack_best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+def pack_balanced(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """As many bins as :func:`pack_best_fit` needs, but filled evenly (longest example into the emptiest bin), so
+    the widest row, which every row of a batch is padded to, is as short as it can be.
+
+    Falls back to the best-fit bins when even filling would overflow ``capacity``.
+    """
+    best = pack_best_fit(lengths, capacity)
+    bins: list[list[int]] = [[] for _ in best]
+    loads = [0] * len(best)
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        b = min(range(len(bins)), key=loads.__getitem__)
+        bins[b].append(i)
+        loads[b] += lengths[i]
+    return bins if max(loads, default=0) <= capacity else best
+
+
 def document_ids(seq_lengths: Sequence[Sequence[int]], width: int) -> torch.Tensor:
     """``[batch, width]`` long tensor: the index of the example each token belongs to within its row, -1 on padding."""
     ids = torch.full((len(seq_lengths), width), -1, dtype=torch.long)
