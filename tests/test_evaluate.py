@@ -154,15 +154,25 @@ def test_cli_help_lists_the_options(capsys):
 
 
 @pytest.mark.slow
-def test_smollm2_base_eos_termination_is_counted(tmp_path):
-    max_new_tokens = 24
-    [result] = evaluate(model="smollm2-135m", split="train", limit=4, max_new_tokens=max_new_tokens, batch_size=4,
-                        output_dir=str(tmp_path))
-    records = [json.loads(line) for line in (tmp_path / "smollm2-135m-train-train" / "answers.jsonl").open()]
-    metrics = result["metrics"]
-    assert metrics["answers"] == 4 and metrics["stopped"] == sum(r["stopped"] for r in records)
-    assert metrics["eos_rate"] == pytest.approx(metrics["stopped"] / 4)
+def test_smollm2_base_eos_termination_is_counted():
+    from lit_llama_lab.evaluate import answer_rows, score
+    from lit_llama_lab.models import load_for_inference
+
+    model, tokenizer = load_for_inference("smollm2-135m")
+    rows = [r for r in build_emoji_rows() if r["character"] in SHOWCASE]
+    chats = question_chats(rows, "train")
+    # A control question the base model answers briefly and ends (greedy, so always the same answer).
+    rows.append({"character": "2+2", "short description": "4"})
+    chats.append([{"role": "user", "content": "What is 2+2? Answer with a number only."},
+                  {"role": "assistant", "content": "4"}])
+    max_new_tokens = 16
+    records = answer_rows(model, tokenizer, rows, chats, max_new_tokens, batch_size=5)
+    metrics = score(records)
+    assert sorted(r["emoji"] for r in records[:4]) == sorted(SHOWCASE)
+    assert records[-1]["stopped"] and records[-1]["named"]  # "2 + 2 = 4" then eos
+    assert metrics["answers"] == 5 and metrics["stopped"] == sum(r["stopped"] for r in records) >= 1
+    assert metrics["eos_rate"] == pytest.approx(metrics["stopped"] / 5)
     # An answer ended with eos exactly when it used less than the budget (eos itself is not counted).
     assert all(r["stopped"] == (r["tokens"] < max_new_tokens) for r in records)
-    assert all(r["answer"] for r in records)  # the real model says something
-    assert math.isfinite(metrics["perplexity"]) and metrics["perplexity"] > 1
+    assert metrics["mean_answer_tokens"] == pytest.approx(sum(r["tokens"] for r in records) / 5)
+    assert all(r["answer"] for r in records)
