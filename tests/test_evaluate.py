@@ -8,7 +8,7 @@ import math
 import pytest
 
 from lit_llama_lab.data.datamodule import ChatDataModule
-from lit_llama_lab.data.emoji import HELDOUT_WORDINGS, TRAIN_WORDINGS, build_emoji_rows
+from lit_llama_lab.data.emoji import HELDOUT_WORDINGS, TRAIN_WORDINGS, build_emoji_rows, emoji_answer
 from lit_llama_lab.evaluate import (
     SHOWCASE,
     EmojiAnswerMetrics,
@@ -81,7 +81,7 @@ def test_heldout_wordings_rotate_and_differ_from_training():
     assert not set(HELDOUT_WORDINGS) & set(TRAIN_WORDINGS)
     train_chat = question_chats(rows[:1], "train")[0]
     assert train_chat[0]["content"] == f"What is {rows[0]['character']}?"
-    assert train_chat[1]["content"] == f"{rows[0]['character']} is the {rows[0]['short description']} emoji."
+    assert train_chat[1]["content"] == emoji_answer(rows[0])
 
 
 @pytest.fixture(scope="module")

@@ -99,13 +99,28 @@ def build_emoji_rows() -> list[dict]:
     return rows
 
 
+def flag_letters(character: str) -> str | None:
+    """The two letters a regional-indicator flag spells (🇩🇿 → "DZ"), or None for other emoji."""
+    points = [ord(c) for c in character]
+    if len(points) == 2 and all(0x1F1E6 <= p <= 0x1F1FF for p in points):
+        return "".join(chr(p - 0x1F1E6 + ord("A")) for p in points)
+    return None
+
+
 def emoji_answer(row: dict, style: str = "name") -> str:
     """The assistant's answer: ``name`` is "{e} is the {short description} emoji.", ``description`` the full
-    LLM description column."""
+    LLM description column.
+
+    The one surprising thing: a flag's answer first spells its two regional-indicator letters ("🇩🇿 (DZ) is the
+    flag: Algeria emoji."). Spelling the letters is one small mapping shared by every flag, and the model already
+    knows country codes, so it names flags it never trained on instead of memorising 258 look-alikes.
+    """
     if style == "description":
         return row["LLM description"]
     if style == "name":
-        return f"{row['character']} is the {row['short description']} emoji."
+        letters = flag_letters(row["character"])
+        code = f" ({letters})" if letters else ""
+        return f"{row['character']}{code} is the {row['short description']} emoji."
     raise ValueError(f"Unknown emoji answer style {style!r}: use 'name' or 'description'.")
 
 
