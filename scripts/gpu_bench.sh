@@ -6,7 +6,7 @@
 set -u
 OUT=${OUT:?set OUT to the output folder}
 BUDGET=${BUDGET:-470}            # seconds for all variants together (the device allows 600 per command)
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}
 export LIT_LLAMA_LAB_CACHE=${LIT_LLAMA_LAB_CACHE:-/tmp/llcache} HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}
 mkdir -p "$OUT"
@@ -32,9 +32,9 @@ timeout 150 "$PY" -c "from lit_llama_lab.bench import shape_model; print(shape_m
 
 ONE_B=(--shape llama-3.2-1b --seq_len 2048 --micro_batch 4 --rank 16 --doc_len 512 --steps 20 --warmup 3)
 run main      200 "${ONE_B[@]}" --paths baseline,ours --loss_steps 50
+run smollm2   150 --shape smollm2-135m --seq_len 2048 --micro_batch 4 --rank 16 --paths baseline,ours,ours+compile --loss_steps 50
 run compile   180 "${ONE_B[@]}" --paths ours+compile --loss_steps 50
 run attention 150 "${ONE_B[@]}" --paths ours+flex,ours+varlen --loss_steps 50
-run smollm2   150 --shape smollm2-135m --seq_len 2048 --micro_batch 4 --rank 16 --paths baseline,ours,ours+compile --loss_steps 50
 run mb8       100 "${ONE_B[@]}" --micro_batch 8 --paths ours --real_data false
 run nockpt    100 "${ONE_B[@]}" --gradient_checkpointing false --paths ours --real_data false
 if "$PY" -c "import liger_kernel" 2>/dev/null; then
