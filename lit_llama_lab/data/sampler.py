@@ -5,6 +5,11 @@ Lightning 2.6 saves and restores the position of a train DataLoader only when th
 ``DataLoader(shuffle=True)`` restarts the epoch from its first batch, with a different order. Here the order of epoch
 ``e`` is ``randperm(n, seed + e)``, so it is known without replaying earlier epochs, and the loader's state is
 ``{epoch, batches}``: the epoch and how many batches of it were handed out.
+
+Under DDP each rank reads the strided slice ``order[rank::world_size]`` of the same epoch permutation (padded, like
+``DistributedSampler``, so every rank gets the same number of batches); rank and world size are read from
+``torch.distributed`` when iterating. The sampler subclasses ``DistributedSampler`` only so that Lightning sees it
+already shards and does not replace it.
 """
 
 from __future__ import annotations
@@ -13,19 +18,38 @@ from collections.abc import Iterator, Sized
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler
 
 
-class EpochSeededSampler(Sampler[int]):
+def rank_and_world_size() -> tuple[int, int]:
+    """This process's rank and the number of processes, ``(0, 1)`` outside ``torch.distributed``."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class EpochSeededSampler(DistributedSampler):
     """Indices ``0..n-1``, shuffled by ``torch.randperm`` seeded with ``seed + epoch`` (or in order), from ``start``.
 
-    Lightning calls :meth:`set_epoch` before each epoch. ``start`` applies to the next iteration only.
+    Under ``torch.distributed`` this rank's share: ``order[rank::world_size]`` of the order padded (from its start)
+    to a multiple of the world size. Lightning calls :meth:`set_epoch` before each epoch. ``start`` (a position in
+    this rank's share) applies to the next iteration only.
     """
 
-    def __init__(self, length: int, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(self, length: int, seed: int = 0, shuffle: bool = True) -> None:  # noqa: D107
+        # DistributedSampler.__init__ is skipped on purpose: it fixes rank and world size at construction.
         self.length, self.seed, self.shuffle = length, seed, shuffle
         self.epoch = 0
         self.start = 0
+
+    @property
+    def rank(self) -> int:  # DistributedSampler's attributes, live
+        return rank_and_world_size()[0]
+
+    @property
+    def num_replicas(self) -> int:
+        return rank_and_world_size()[1]
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -36,12 +60,21 @@ class EpochSeededSampler(Sampler[int]):
             return list(range(self.length))
         return torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
 
+    def shard(self, epoch: int) -> list[int]:
+        """This rank's indices of ``epoch``: every ``world_size``-th of the padded order, from ``rank``."""
+        rank, world_size = rank_and_world_size()
+        order = self.order(epoch)
+        if world_size > 1 and order:
+            total = len(self) * world_size
+            order = (order * (total // len(order) + 1))[:total]
+        return order[rank::world_size]
+
     def __iter__(self) -> Iterator[int]:
         start, self.start = self.start, 0
-        yield from self.order(self.epoch)[start:]
+        yield from self.shard(self.epoch)[start:]
 
     def __len__(self) -> int:
-        return self.length
+        return -(-self.length // rank_and_world_size()[1])
 
 
 class ResumableDataLoader(DataLoader):
@@ -82,7 +115,8 @@ class ResumableDataLoader(DataLoader):
 
     def state_dict(self) -> dict[str, int]:
         """``{"epoch", "batches"}``: the epoch being read and how many of its batches were handed out."""
-        return {"epoch": self.sampler.epoch, "batches": self._batches, "seed": self.seed}
+        return {"epoch": self.sampler.epoch, "batches": self._batches, "seed": self.seed,
+                "world_size": rank_and_world_size()[1]}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue epoch ``state['epoch']`` after its first ``state['batches']`` batches."""
@@ -90,6 +124,13 @@ class ResumableDataLoader(DataLoader):
             raise ValueError(
                 f"The checkpoint's data order was drawn with seed {state['seed']}, this run uses {self.seed}: "
                 "resume with the same --data.seed, or start a new run."
+            )
+        saved, now = state.get("world_size", 1), rank_and_world_size()[1]
+        if saved != now and state["batches"]:
+            raise ValueError(
+                f"The checkpoint stopped mid-epoch with {saved} process(es), this run has {now}: each process's "
+                "position in the epoch depends on the number of processes. Resume with the same number of devices "
+                "and nodes, or start a new run from the checkpoint's adapter folder."
             )
         self.sampler.set_epoch(state["epoch"])
         self._resume = (state["epoch"], state["batches"])
