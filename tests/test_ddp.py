@@ -112,7 +112,9 @@ def train(run_dir: Path, source: Path, devices: int) -> dict[str, torch.Tensor]:
         args += ["--trainer.strategy", "ddp"]
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
                PYTHONPATH=str(ROOT))
-    done = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    work = run_dir / "cwd"  # Lightning saves its resolved config.yaml into the working directory here (no logger)
+    work.mkdir()
+    done = subprocess.run(args, cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     meta = json.loads((run_dir / "checkpoints" / "last" / "lit_llama_lab.json").read_text())
     assert meta["global_step"] == STEPS
