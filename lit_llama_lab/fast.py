@@ -75,15 +75,11 @@ def fast_label_loss(model, batch: dict, chunk: int = 0) -> tuple[torch.Tensor, i
 
     The keys of :data:`DECODER_KEYS` present in ``batch`` (e.g. varlen's ``cu_seq_lens_q``) go to the decoder. Returns ``(loss, labelled token count)``.
     """
-    from lit_llama_lab.data.masking import IGNORE_INDEX
+    from lit_llama_lab.module import labelled_hidden
 
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    extra = {k: v for k, v in batch.items() if k in DECODER_KEYS}
-    hidden = causal_lm.get_decoder()(input_ids=batch["input_ids"], use_cache=False, **extra).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE_INDEX
+    causal_lm, hidden, targets = labelled_hidden(model, batch, DECODER_KEYS)
     weight = causal_lm.get_output_embeddings().weight
-    return linear_cross_entropy(hidden[:, :-1][keep], weight, targets[keep], chunk), int(keep.sum())
+    return linear_cross_entropy(hidden, weight, targets, chunk), targets.numel()
 
 
 def attention_inputs(batch: dict, attention: Attention) -> dict:

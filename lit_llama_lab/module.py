@@ -55,24 +55,30 @@ class LoraArgs:
         )
 
 
+def labelled_hidden(model, batch: dict, decoder_keys=("attention_mask", "position_ids")):
+    """Run the decoder and keep the final hidden states of positions whose next token is labelled.
+
+    ``decoder_keys`` present in ``batch`` go to the decoder. Returns ``(causal_lm, hidden [n, d], targets [n])``,
+    where ``causal_lm`` is the model under any peft wrapper (its ``get_output_embeddings`` is the vocab projection).
+    """
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    extra = {k: batch[k] for k in decoder_keys if k in batch}
+    hidden = causal_lm.get_decoder()(input_ids=batch["input_ids"], use_cache=False, **extra).last_hidden_state
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    return causal_lm, hidden[:, :-1][keep], targets[keep]
+
+
 def label_loss(model, batch: dict, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy over labelled positions only.
 
     The vocabulary projection runs only where a label exists, so prompt and padding tokens never build
     full-vocabulary logits. Returns ``(loss, logits, targets)`` of the labelled positions.
     """
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    hidden = causal_lm.get_decoder()(
-        input_ids=batch["input_ids"],
-        attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"),
-        use_cache=False,
-    ).last_hidden_state
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE_INDEX
-    logits = causal_lm.get_output_embeddings()(hidden[:, :-1][keep]).float()
-    loss = F.cross_entropy(logits, targets[keep], reduction=reduction)
-    return loss, logits, targets[keep]
+    causal_lm, hidden, targets = labelled_hidden(model, batch)
+    logits = causal_lm.get_output_embeddings()(hidden).float()
+    loss = F.cross_entropy(logits, targets, reduction=reduction)
+    return loss, logits, targets
 
 
 class QLoRAModule(L.LightningModule):
