@@ -16,7 +16,9 @@ from typing import Literal
 
 import torch
 
+from lit_llama_lab.data.packing import pad_packed_batch
 from lit_llama_lab.fast import Attention, attention_inputs, fast_label_loss, fast_peft_model
+from lit_llama_lab.graphs import GraphedLoss
 from lit_llama_lab.models import (
     cache_dir,
     converted_folder,
@@ -34,8 +36,9 @@ LLAMA_32_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=3
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 spec sheets
 
 
-def shape_model(shape: Shape) -> str:
-    """A name :func:`load_base_model` accepts for ``shape``; the random 1B model is written once to the cache."""
+def shape_model(shape: Shape, tokenizer: str = "smollm2-135m") -> str:
+    """A name :func:`load_base_model` accepts for ``shape``; the random 1B model is written once to the cache, with
+    ``tokenizer``'s tokenizer (any will do: the speed batch draws random token ids from the model's vocabulary)."""
     if shape == "tiny":
         return "tiny-random"
     if shape == "smollm2-135m":
@@ -47,7 +50,7 @@ def shape_model(shape: Shape) -> str:
         return str(target)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = load_tokenizer("smollm2-135m")  # any tokenizer: random token ids are drawn from the model's vocab
+    tokenizer = load_tokenizer(tokenizer)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM(LlamaConfig(**LLAMA_32_1B)).to(torch.bfloat16)
@@ -95,7 +98,10 @@ def emoji_batches(model_name: str, steps: int, device: torch.device, per_batch: 
 
 
 def build_baseline(name: str, rank: int, checkpointing: bool, device: torch.device, seed: int, **_) -> tuple:
-    """The plain stack: 4-bit base, ``prepare_model_for_kbit_training`` (fp32 upcast), peft LoRA, HF's full loss."""
+    """The plain stack: 4-bit base, ``prepare_model_for_kbit_training`` (fp32 upcast), peft LoRA, HF's full loss.
+
+    Run without autocast it is the issue's recipe as written; ``baseline+amp`` adds bf16 autocast, as Hugging Face's
+    Trainer does with ``bf16=True``."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     base, _ = load_base_model(name, "nf4", resolve_compute_dtype("auto"), device, "sdpa")
@@ -111,17 +117,23 @@ def build_baseline(name: str, rank: int, checkpointing: bool, device: torch.devi
 
 
 def build_ours(name: str, rank: int, checkpointing: bool, device: torch.device, seed: int, attention: Attention = "sdpa",
-               compile: bool = False, liger: bool = False, chunked_ce: bool = True) -> tuple:
-    """Our path: no fp32 upcast, labelled-position loss (chunked), our packing mask or flex/varlen attention."""
-    base, _ = load_base_model(name, "nf4", resolve_compute_dtype("auto"), device, "sdpa")
+               compile: bool = False, liger: bool = False, chunked_ce: bool = True, graphs: bool = False) -> tuple:
+    """Our path: no fp32 upcast, chunked loss, our packing mask or flex/varlen attention; ``graphs``: the forward
+    and backward replayed from CUDA graphs (rows padded to multiples of 128 tokens), as training does on a GPU."""
+    base, tokenizer = load_base_model(name, "nf4", resolve_compute_dtype("auto"), device, "sdpa")
     torch.manual_seed(seed)
-    model = fast_peft_model(base, LoraArgs(r=rank, alpha=rank).peft_config(), checkpointing, attention, compile, liger)
-    loss = (lambda batch: fast_label_loss(model, batch)[0]) if chunked_ce else (lambda b: label_loss(model, b)[0])
+    model = fast_peft_model(base, LoraArgs(r=rank, alpha=rank).peft_config(), checkpointing, attention, compile, liger,
+                            preserve_rng_state=not graphs)  # no dropout here: nothing random to replay
+    if graphs and device.type == "cuda":
+        graphed = GraphedLoss(model, fast_label_loss)
+        return model, graphed, lambda b: pad_packed_batch(attention_inputs(b, attention), 128, tokenizer.pad_token_id)
+    loss = (lambda batch: fast_label_loss(model, batch)) if chunked_ce else (lambda b: label_loss(model, b)[0])
     return model, loss, lambda batch: attention_inputs(batch, attention)
 
 
-def train_steps(model, loss_fn: Callable, batches: list[dict], device: torch.device) -> list[float]:
-    """One AdamW step (lr 2e-4, fused on GPU) per batch, under bf16 autocast on GPU. Returns the losses."""
+def train_steps(model, loss_fn: Callable, batches: list[dict], device: torch.device, amp: bool = True) -> list[float]:
+    """One AdamW step (lr 2e-4, fused on GPU) per batch, under bf16 autocast on GPU when ``amp`` (without its weight
+    cache, which CUDA graphs cannot hold). Returns the losses."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = getattr(model, "_bench_optimizer", None) or torch.optim.AdamW(params, lr=2e-4,
                                                                               fused=device.type == "cuda")
@@ -129,7 +141,8 @@ def train_steps(model, loss_fn: Callable, batches: list[dict], device: torch.dev
     model.train()
     losses = []
     for batch in batches:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda",
+                            cache_enabled=not isinstance(loss_fn, GraphedLoss)):
             loss = loss_fn(batch)
         loss.backward()
         optimizer.step()
@@ -166,22 +179,26 @@ def step_flops(config, tokens: int, doc_len: int, lora_params: int) -> float:
 
 
 def path_options(path: str, defaults: dict) -> tuple[Callable, dict]:
-    """``baseline`` or ``ours`` plus ``+modifiers`` (sdpa, flex, varlen, compile, liger, fullce) -> builder, options."""
+    """``baseline`` (``+amp``) or ``ours`` plus ``+modifiers`` (sdpa, flex, varlen, compile, liger, graphs, fullce)
+    -> builder, options. ``amp`` (bf16 autocast on a GPU) is on for ``ours`` and off for ``baseline``, the issue's
+    recipe as written."""
     name, *mods = path.strip().split("+")
-    if name == "baseline" and not mods:
-        return build_baseline, {}
+    if name == "baseline" and mods in ([], ["amp"]):
+        return build_baseline, {"amp": mods == ["amp"]}
     if name != "ours":
-        raise ValueError(f"Unknown path {path!r}: use baseline, ours, or ours+modifiers like ours+compile+flex.")
-    options = dict(defaults)
+        raise ValueError(f"Unknown path {path!r}: use baseline, baseline+amp, ours, or ours+modifiers like "
+                         "ours+compile+flex.")
+    options = {"amp": True, **defaults}
     for mod in mods:
         if mod in ("sdpa", "flex", "varlen"):
             options["attention"] = mod
-        elif mod in ("compile", "liger"):
+        elif mod in ("compile", "liger", "graphs"):
             options[mod] = True
         elif mod == "fullce":
             options["chunked_ce"] = False
         else:
-            raise ValueError(f"Unknown modifier {mod!r} in {path!r}: use sdpa, flex, varlen, compile, liger, fullce.")
+            raise ValueError(f"Unknown modifier {mod!r} in {path!r}: use sdpa, flex, varlen, compile, liger, graphs, "
+                             "fullce.")
     return build_ours, options
 
 
@@ -189,13 +206,14 @@ def measure_speed(builder: Callable, options: dict, setup: dict, batch: dict, st
     """Warm-up steps, then ``steps`` timed steps on one batch: tokens/s, seconds/step, peak GPU memory, MFU."""
     device = setup["device"]
     _free(device)
+    amp, options = options.get("amp", True), {k: v for k, v in options.items() if k != "amp"}
     model, loss_fn, prepare = builder(setup["name"], setup["rank"], setup["checkpointing"], device, setup["seed"],
                                       **options)
     prepared = prepare(batch)
-    train_steps(model, loss_fn, [prepared] * warmup, device)
+    train_steps(model, loss_fn, [prepared] * warmup, device, amp)
     _sync(device)
     start = time.perf_counter()
-    losses = train_steps(model, loss_fn, [prepared] * steps, device)
+    losses = train_steps(model, loss_fn, [prepared] * steps, device, amp)
     _sync(device)
     seconds = (time.perf_counter() - start) / steps
     tokens = batch["input_ids"].numel()
@@ -214,12 +232,14 @@ def measure_speed(builder: Callable, options: dict, setup: dict, batch: dict, st
 def measure_loss(builder: Callable, options: dict, setup: dict, batches: list[dict], held_out: dict) -> dict:
     """Train a fresh model on real batches, then the loss on a held-out batch (the path's own loss function)."""
     device = setup["device"]
+    amp, options = options.get("amp", True), {k: v for k, v in options.items() if k != "amp"}
     model, loss_fn, prepare = builder(setup["loss_model"], setup["rank"], setup["checkpointing"], device,
                                       setup["seed"], **options)
-    losses = train_steps(model, loss_fn, [prepare(b) for b in batches], device)
+    losses = train_steps(model, loss_fn, [prepare(b) for b in batches], device, amp)
     model.eval()
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        held = float(loss_fn(prepare(held_out)))
+    held_fn = loss_fn.eager if isinstance(loss_fn, GraphedLoss) else loss_fn
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+        held = float(held_fn(prepare(held_out)))
     del model, loss_fn
     _free(device)
     return {"held_out_loss": held, "train_loss_first": losses[0], "train_loss_last": losses[-1]}
@@ -228,17 +248,20 @@ def measure_loss(builder: Callable, options: dict, setup: dict, batches: list[di
 def format_table(results: dict) -> str:
     """A Markdown table of the measured paths, ratios and loss differences against ``baseline``."""
     base = results["paths"].get("baseline", {})
-    rows = ["| path | tokens/s | × baseline | peak GiB | TFLOP/s | MFU | held-out loss | Δ loss |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    amp = results["paths"].get("baseline+amp", {})
+    rows = ["| path | tokens/s | × baseline | × baseline+amp | peak GiB | TFLOP/s | MFU | held-out loss | Δ loss |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
     for path, r in results["paths"].items():
         if "error" in r:
-            rows.append(f"| {path} | failed: {r['error'][:80]} |||||||")
+            rows.append(f"| {path} | failed: {r['error'][:80]} ||||||||")
             continue
         ratio = r["tokens_per_s"] / base["tokens_per_s"] if "tokens_per_s" in base else None
+        amp_ratio = r["tokens_per_s"] / amp["tokens_per_s"] if "tokens_per_s" in amp else None
         loss, base_loss = r.get("held_out_loss"), base.get("held_out_loss")
         delta = (loss - base_loss) / abs(base_loss) if loss is not None and base_loss else None
-        rows.append(f"| {path} | {r['tokens_per_s']:,.0f} | {fmt(ratio, '.2f')} | {fmt(r['peak_gib'], '.2f')} | "
+        rows.append(f"| {path} | {r['tokens_per_s']:,.0f} | {fmt(ratio, '.2f')} | {fmt(amp_ratio, '.2f')} | "
+                    f"{fmt(r['peak_gib'], '.2f')} | "
                     f"{r['tflops_per_s']:.1f} | {fmt(r.get('mfu'), '.1%')} | {fmt(loss, '.4f')} | {fmt(delta, '+.3%')} |")
     return "\n".join(rows)
 
@@ -271,6 +294,7 @@ def bench(
     compile: bool = False,
     liger: bool = False,
     chunked_ce: bool = True,
+    graphs: bool = False,
     peak_tflops: float = 0.0,
     seed: int = 0,
     output: str | None = None,
@@ -287,7 +311,8 @@ def bench(
         doc_len: length of the packed documents in the speed batch (position_ids restart every doc_len tokens).
         gradient_checkpointing: recompute activations in backward (both paths).
         device: ``auto`` (CUDA when present), ``cuda`` or ``cpu``. bf16 compute on GPU, fp32 on CPU.
-        paths: comma-separated: baseline, ours, or ours+modifiers (sdpa|flex|varlen, compile, liger, fullce).
+        paths: comma-separated: baseline (the issue's recipe: no autocast), baseline+amp (bf16 autocast), ours, or
+            ours+modifiers (sdpa|flex|varlen, compile, liger, graphs, fullce).
         loss_steps: steps on real emoji chats before the held-out loss is compared (0 or real_data=False: skip).
         loss_model: model for the loss check; ``auto``: tiny-random for the tiny shape, else smollm2-135m.
         loss_batch: emoji chats per real-data step (packed into rows of 512 tokens).
@@ -295,6 +320,7 @@ def bench(
         compile: torch.compile our decoder layers.
         liger: Liger-Kernel RMSNorm/RoPE/SwiGLU in our path (needs liger-kernel and a GPU).
         chunked_ce: our chunked linear cross-entropy; false uses module.label_loss (fp32 logits at labels).
+        graphs: replay our forward and backward from CUDA graphs (GPU only), as training does.
         peak_tflops: the device's bf16 peak for MFU; 0 guesses from the GPU name (H100/H200: 989), none on CPU.
         seed: seeds the adapter initialisation (the same for every path).
         output: write the results as JSON here (atomically).
@@ -308,7 +334,7 @@ def bench(
     setup = {"name": shape_model(shape), "rank": rank, "checkpointing": gradient_checkpointing, "device": dev,
              "seed": seed, "doc_len": doc_len, "peak_tflops": peak_tflops,
              "loss_model": ("tiny-random" if shape == "tiny" else "smollm2-135m") if loss_model == "auto" else loss_model}
-    defaults = {"attention": attention, "compile": compile, "liger": liger, "chunked_ce": chunked_ce}
+    defaults = {"attention": attention, "compile": compile, "liger": liger, "chunked_ce": chunked_ce, "graphs": graphs}
     plans = {p.strip(): path_options(p, defaults) for p in paths.split(",") if p.strip()}
     from transformers import AutoConfig
 

@@ -11,6 +11,8 @@ from typing import Literal
 
 import torch
 
+from lit_llama_lab.data.masking import IGNORE_INDEX
+
 Attention = Literal["sdpa", "flex", "varlen"]
 DECODER_KEYS = ("position_ids", "attention_mask", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
@@ -18,6 +20,8 @@ DECODER_KEYS = ("position_ids", "attention_mask", "cu_seq_lens_q", "cu_seq_lens_
 class LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, chunk by chunk over rows.
 
+    Rows whose target is ``IGNORE_INDEX`` count for nothing; the mean is over the other rows. Shapes never depend
+    on the data (no row selection, no host sync), so the function can be captured in a CUDA graph.
     The gradient is computed in the forward pass (softmax minus one-hot, then one matmul per chunk), so neither the
     full ``[rows, vocab]`` logits nor their fp32 copy ever exist at once and nothing is recomputed in backward.
     Each chunk's logits are upcast to fp32 before the softmax, as Hugging Face's loss does.
@@ -31,22 +35,25 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        count = (targets != IGNORE_INDEX).sum().clamp(min=1).float()  # a tensor: no host sync
         w = weight.to(hidden.dtype)
         for start in range(0, rows, chunk):
             h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            keep = (t != IGNORE_INDEX).float()
+            t = t.clamp(min=0)
             logits = (h @ w.T).float()
             lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            total += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * keep).sum()
             if need_h or need_w:
                 probs = logits.sub_(lse[:, None]).exp_()
-                probs[torch.arange(t.shape[0], device=t.device), t] -= 1.0
-                g = probs.div_(max(rows, 1)).to(hidden.dtype)
+                probs.scatter_add_(1, t[:, None], -torch.ones_like(lse)[:, None])
+                g = probs.mul_((keep / count)[:, None]).to(hidden.dtype)
                 if need_h:
                     grad_h[start:start + chunk] = g @ w
                 if need_w:
                     grad_w += g.T.float() @ h.float()
         ctx.save_for_backward(grad_h, grad_w)
-        return total / max(rows, 1)
+        return total / count
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -58,28 +65,32 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          chunk: int = 0) -> torch.Tensor:
-    """Mean next-token cross-entropy of ``hidden [rows, d] @ weight [vocab, d].T`` against ``targets [rows]``.
+    """Mean next-token cross-entropy of ``hidden [rows, d] @ weight [vocab, d].T`` against ``targets [rows]``, over
+    the rows whose target is not ``IGNORE_INDEX`` (-100).
 
-    ``chunk`` rows per step (0: about 2**27 logits per chunk, 512 MiB in fp32). Rows must all be labelled
-    (select them first, as :func:`lit_llama_lab.module.label_loss` does).
+    ``chunk`` rows per step (0: about 2**27 logits per chunk, 512 MiB in fp32).
     """
     if hidden.shape[0] != targets.shape[0]:
-        raise ValueError(f"hidden has {hidden.shape[0]} rows but targets {targets.shape[0]}: select labelled rows.")
+        raise ValueError(f"hidden has {hidden.shape[0]} rows but targets {targets.shape[0]}: select labelled rows "
+                         "or pass one target per row.")
     chunk = chunk or max(1, 2**27 // weight.shape[0])
     return LinearCrossEntropy.apply(hidden, weight, targets, chunk)
 
 
-def fast_label_loss(model, batch: dict, chunk: int = 0) -> tuple[torch.Tensor, int]:
-    """:func:`lit_llama_lab.module.label_loss`'s math (mean CE over labelled positions) with
-    :func:`linear_cross_entropy`: logits only at labelled positions, in chunks, no full fp32 copy.
+def fast_label_loss(model, batch: dict, chunk: int = 0) -> torch.Tensor:
+    """:func:`lit_llama_lab.module.label_loss`'s math (mean CE over labelled positions) with fixed shapes: the
+    decoder runs on the whole batch and :func:`linear_cross_entropy` weighs unlabelled positions by zero, so no
+    step depends on the data and the whole loss (forward and backward) can be captured in a CUDA graph.
 
-    The keys of :data:`DECODER_KEYS` present in ``batch`` (e.g. varlen's ``cu_seq_lens_q``) go to the decoder. Returns ``(loss, labelled token count)``.
+    The keys of :data:`DECODER_KEYS` present in ``batch`` (e.g. varlen's ``cu_seq_lens_q``) go to the decoder.
+    Costs vocabulary logits at unlabelled positions too (chunked, never all at once).
     """
-    from lit_llama_lab.module import labelled_hidden
-
-    causal_lm, hidden, targets = labelled_hidden(model, batch, DECODER_KEYS)
-    weight = causal_lm.get_output_embeddings().weight
-    return linear_cross_entropy(hidden, weight, targets, chunk), targets.numel()
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    extra = {k: batch[k] for k in DECODER_KEYS if k in batch}
+    hidden = causal_lm.get_decoder()(input_ids=batch["input_ids"], use_cache=False, **extra).last_hidden_state
+    targets = batch["labels"][:, 1:].reshape(-1)
+    hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    return linear_cross_entropy(hidden, causal_lm.get_output_embeddings().weight, targets, chunk)
 
 
 def attention_inputs(batch: dict, attention: Attention) -> dict:
@@ -179,11 +190,12 @@ def compile_decoder_layers(model) -> int:
 
 
 def fast_peft_model(base, lora_config, gradient_checkpointing: bool = True, attention: Attention = "sdpa",
-                    compile: bool = False, liger: bool = False):
+                    compile: bool = False, liger: bool = False, preserve_rng_state: bool = True):
     """Our training setup of a loaded (4-bit) base: adapters from ``lora_config`` without peft's
     ``prepare_model_for_kbit_training`` (its fp32 upcast of embeddings, lm_head and norms costs time and memory and
     is not needed under bf16 autocast), non-reentrant checkpointing, the chosen attention, optional Liger kernels
     and compiled decoder layers. Seed torch before calling for a reproducible adapter init.
+    ``preserve_rng_state=False`` lets checkpointing run inside a CUDA graph capture (safe without dropout).
     """
     from peft import get_peft_model
 
@@ -192,7 +204,8 @@ def fast_peft_model(base, lora_config, gradient_checkpointing: bool = True, atte
         apply_liger(base)
     use_attention(base, attention)
     if gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,
+                                                                          "preserve_rng_state": preserve_rng_state})
     model = get_peft_model(base, lora_config)
     if compile:
         compile_decoder_layers(model)

@@ -6,6 +6,7 @@ Only adapter weights train and only they go into checkpoints; the frozen base is
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -16,8 +17,12 @@ from torchmetrics.aggregation import MeanMetric
 from torchmetrics.text import Perplexity
 
 from lit_llama_lab.data.masking import IGNORE_INDEX
+from lit_llama_lab.data.packing import pad_packed_batch
+from lit_llama_lab.fast import fast_label_loss
+from lit_llama_lab.graphs import GraphedLoss
 from lit_llama_lab.models import load_base_model, resolve_compute_dtype
 
+log = logging.getLogger(__name__)
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -93,6 +98,10 @@ class QLoRAModule(L.LightningModule):
         weight_decay: AdamW weight decay on adapter weights.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         attn_implementation: ``sdpa``, ``eager`` or ``flex_attention``.
+        cuda_graphs: on a GPU, replay each training step's forward and backward from a CUDA graph (one per batch
+            shape; same kernels, same math): removes the per-kernel launch overhead that dominates small models.
+        graph_pad_multiple: with ``cuda_graphs``, packed rows are padded to a multiple of this many tokens so
+            batches fall into few shapes (each shape is one capture and its own activation memory).
     """
 
     def __init__(
@@ -105,6 +114,8 @@ class QLoRAModule(L.LightningModule):
         weight_decay: float = 0.0,
         gradient_checkpointing: bool = False,
         attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa",
+        cuda_graphs: bool = True,
+        graph_pad_multiple: int = 128,
     ) -> None:
         super().__init__()
         self.lora = lora or LoraArgs()
@@ -115,6 +126,7 @@ class QLoRAModule(L.LightningModule):
         self.strict_loading = False  # checkpoints hold adapter weights only
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
         self.val_loss = MeanMetric()
+        self._graphed: GraphedLoss | None = None
 
     def configure_model(self) -> None:
         """Load the base and attach adapters, once (Lightning may call this more than once)."""
@@ -131,16 +143,41 @@ class QLoRAModule(L.LightningModule):
         )
         base.config.use_cache = False
         if self.hparams.gradient_checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # Checkpointing saves the RNG state to replay dropout, which a CUDA graph capture cannot do; without
+            # dropout there is nothing to replay. With dropout, training runs eagerly.
+            if self.hparams.cuda_graphs and self.lora.dropout > 0:
+                log.warning("cuda_graphs is off: gradient checkpointing with LoRA dropout > 0 cannot be captured.")
+                self.hparams.cuda_graphs = False
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+                "use_reentrant": False, "preserve_rng_state": not self.hparams.cuda_graphs})
         self.model = get_peft_model(base, self.lora.peft_config())
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable (adapter) parameters, keyed as in this module's state dict."""
         return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
 
+    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Count the labelled tokens while the batch is still on the CPU (logging weights; no GPU sync later)."""
+        if isinstance(batch, dict) and "labels" in batch:
+            batch["num_labelled"] = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        return batch
+
+    def training_loss(self, batch: dict) -> torch.Tensor:
+        """Mean next-token cross-entropy over the labelled tokens of ``batch``.
+
+        On a GPU with ``cuda_graphs``: fixed-shape (:func:`~lit_llama_lab.fast.fast_label_loss`) and replayed from
+        CUDA graphs. Elsewhere: logits at labelled positions only (:func:`label_loss`). Both compute the same loss.
+        """
+        if self.hparams.cuda_graphs and batch["input_ids"].is_cuda:
+            if self._graphed is None:
+                self._graphed = GraphedLoss(self.model, fast_label_loss)
+            return self._graphed(pad_packed_batch(batch, self.hparams.graph_pad_multiple, self.tokenizer.pad_token_id))
+        return label_loss(self.model, batch)[0]
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, _, targets = label_loss(self.model, batch)
-        self.log("train_loss", loss, prog_bar=True, batch_size=targets.numel())
+        loss = self.training_loss(batch)
+        labelled = batch.get("num_labelled") or int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        self.log("train_loss", loss, prog_bar=True, batch_size=labelled)
         self.log("train_tokens", float(batch["input_ids"].numel()), reduce_fx="sum", batch_size=1)
         return loss
 

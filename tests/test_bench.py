@@ -45,10 +45,12 @@ def test_varlen_inputs_split_the_flattened_batch_where_positions_restart():
 
 def test_path_modifiers_and_clear_errors():
     builder, options = path_options("ours+flex+compile", {"attention": "sdpa", "compile": False})
-    assert builder.__name__ == "build_ours" and options == {"attention": "flex", "compile": True}
+    assert builder.__name__ == "build_ours" and options == {"amp": True, "attention": "flex", "compile": True}
+    assert path_options("baseline", {}) == (path_options("baseline+amp", {})[0], {"amp": False})
+    assert path_options("ours+graphs", {"graphs": False})[1]["graphs"] is True
     with pytest.raises(ValueError, match="Unknown modifier 'fast'"):
         path_options("ours+fast", {})
-    with pytest.raises(ValueError, match="use baseline, ours"):
+    with pytest.raises(ValueError, match=r"use baseline, baseline\+amp, ours"):
         path_options("unsloth", {})
     with pytest.raises(ValueError, match="Unknown shape"):
         bench(shape="llama-70b", device="cpu")

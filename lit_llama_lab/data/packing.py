@@ -149,6 +149,34 @@ def collate_packed(
     }
 
 
+def pad_packed_batch(batch: dict, multiple: int, pad_id: int) -> dict:
+    """Widen a packed batch's rows (on any device) to the next multiple of ``multiple`` tokens.
+
+    Added positions are padding: ``pad_id``, label ``IGNORE_INDEX``, position 0, and in a boolean 4-D mask they
+    attend to themselves only, as :func:`document_mask` pads. The loss is unchanged; what changes is that batches
+    fall into a few shapes, which CUDA graphs need. Batches without a boolean 4-D mask are returned as they are.
+    """
+    mask = batch.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.dtype != torch.bool:
+        return batch
+    width = batch["input_ids"].shape[1]
+    extra = -width % multiple
+    if extra == 0:
+        return batch
+    pad = torch.nn.functional.pad
+    out = dict(batch)
+    out["input_ids"] = pad(batch["input_ids"], (0, extra), value=pad_id)
+    out["labels"] = pad(batch["labels"], (0, extra), value=IGNORE_INDEX)
+    out["position_ids"] = pad(batch["position_ids"], (0, extra), value=0)
+    new_mask = pad(mask, (0, extra, 0, extra), value=False)
+    added = torch.arange(width, width + extra, device=mask.device)
+    new_mask[:, :, added, added] = True
+    out["attention_mask"] = new_mask
+    if "document_ids" in batch:
+        out["document_ids"] = pad(batch["document_ids"], (0, extra), value=-1)
+    return out
+
+
 def collate_padded(examples: Sequence[dict], pad_id: int) -> dict:
     """Right-padded batch with a 2-D attention mask; padding labelled ``IGNORE_INDEX``."""
     width = max(len(ex["input_ids"]) for ex in examples)
