@@ -65,7 +65,13 @@ class GraphedLoss:
             if len(self.graphs) >= self.max_graphs:
                 return self.eager(batch)
             log.info("Capturing a CUDA graph of the training step for batch shape %s", tuple(tensors[0].shape))
-            graphed = torch.cuda.make_graphed_callables(_LossOf(self.model, self.loss_fn, keys, static), tensors)
+            try:
+                graphed = torch.cuda.make_graphed_callables(_LossOf(self.model, self.loss_fn, keys, static), tensors)
+            except RuntimeError as error:  # an op that cannot be captured: keep training, eagerly
+                log.warning("CUDA graph capture failed (%s); training continues without graphs.", error)
+                self.max_graphs = len(self.graphs)
+                torch.cuda.synchronize()
+                return self.eager(batch)
             self.graphs[shape] = graphed
         # the graph's output buffer is overwritten by the next replay: hand out a copy (autograd flows through it)
         return graphed(*tensors).clone()
