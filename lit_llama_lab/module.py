@@ -16,7 +16,8 @@ from torchmetrics.aggregation import MeanMetric
 from torchmetrics.text import Perplexity
 
 from lit_llama_lab.data.masking import IGNORE_INDEX
-from lit_llama_lab.models import load_base_model, resolve_compute_dtype
+from lit_llama_lab.fsdp import check_strategy, clean_name, is_fsdp, wrap_for_fsdp
+from lit_llama_lab.models import load_base_model, resolve_compute_dtype, resolve_quant_storage
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -93,6 +94,9 @@ class QLoRAModule(L.LightningModule):
         weight_decay: AdamW weight decay on adapter weights.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         attn_implementation: ``sdpa``, ``eager`` or ``flex_attention``.
+        quant_storage: dtype the packed 4-bit weights are stored in: ``auto`` (uint8, or the compute dtype under
+            ``--trainer.strategy fsdp``, which can only shard floating tensors of one dtype), ``uint8``, ``bfloat16``,
+            ``float16`` or ``float32``. Outputs are the same in every storage dtype.
     """
 
     def __init__(
@@ -105,6 +109,7 @@ class QLoRAModule(L.LightningModule):
         weight_decay: float = 0.0,
         gradient_checkpointing: bool = False,
         attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa",
+        quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto",
     ) -> None:
         super().__init__()
         self.lora = lora or LoraArgs()
@@ -117,26 +122,40 @@ class QLoRAModule(L.LightningModule):
         self.val_loss = MeanMetric()
 
     def configure_model(self) -> None:
-        """Load the base and attach adapters, once (Lightning may call this more than once)."""
+        """Load the base and attach adapters, once (Lightning may call this more than once).
+
+        Under FSDPStrategy the adapter leaves and decoder layers become FSDP units here (see
+        :func:`lit_llama_lab.fsdp.wrap_for_fsdp`); Lightning then wraps the whole module as the root unit.
+        """
         if self.model is not None:
             return
         from peft import get_peft_model
 
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        check_strategy(strategy)
+        compute_dtype = resolve_compute_dtype(self.hparams.compute_dtype)
         base, self.tokenizer = load_base_model(
             self.hparams.name_or_path,
             quantize=self.hparams.quantize,
-            compute_dtype=resolve_compute_dtype(self.hparams.compute_dtype),
-            device=self.trainer.strategy.root_device if self._trainer is not None else None,
+            compute_dtype=compute_dtype,
+            device=strategy.root_device if strategy is not None else None,
             attn_implementation=self.hparams.attn_implementation,
+            quant_storage=resolve_quant_storage(self.hparams.quant_storage, compute_dtype, sharded=is_fsdp(strategy)),
         )
         base.config.use_cache = False
         if self.hparams.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = get_peft_model(base, self.lora.peft_config())
+        if is_fsdp(strategy):
+            wrap_for_fsdp(self.model, strategy.root_device)
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trainable (adapter) parameters, keyed as in this module's state dict."""
-        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+        """The trainable (adapter) parameters, keyed as in this module's single-device state dict.
+
+        Under FSDP the values are this rank's shards; :func:`lit_llama_lab.fsdp.gather_adapter_state_dict` gathers
+        full ones.
+        """
+        return {clean_name(name): p.detach() for name, p in self.named_parameters() if p.requires_grad}
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, _, targets = label_loss(self.model, batch)
