@@ -61,8 +61,6 @@ def wrap_for_fsdp(module: nn.Module, device: torch.device) -> nn.Module:
     """
     from torch.distributed.fsdp.wrap import wrap
 
-    if device.type == "cpu":
-        disable_cpu_repacking(module)
     for name, child in list(module.named_children()):
         wrap_for_fsdp(child, device)
         if _is_adapter_leaf(child) or _is_decoder_layer(child):
@@ -79,11 +77,11 @@ def disable_cpu_repacking(module: nn.Module) -> None:
 
 
 def _adapter_units(module: nn.Module):
-    """``(prefix, unit)`` for each FSDP unit that holds trainable parameters, in module order (same on all ranks)."""
+    """``(prefix, unit)`` for each FSDP unit around an adapter leaf, in module order (the same on all ranks)."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     for prefix, unit in module.named_modules():
-        if isinstance(unit, FSDP) and any(p.requires_grad for p in unit.parameters(recurse=False)):
+        if isinstance(unit, FSDP) and _is_adapter_leaf(unit.module):
             yield prefix, unit
 
 
@@ -94,18 +92,16 @@ def gather_adapter_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
     frozen 4-bit base never moves. Raises if a trainable parameter is not in an adapter unit (e.g. the model was
     wrapped by another policy), since its gathered value would be missing.
     """
-    trainable = {clean_name(n) for n, p in module.named_parameters() if p.requires_grad}
-    units = list(_adapter_units(module))
-    if not units:
-        return {clean_name(n): p.detach().cpu() for n, p in module.named_parameters() if p.requires_grad}
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+    trainable = {clean_name(n) for n, p in module.named_parameters() if p.requires_grad}
+    if not any(isinstance(m, FSDP) for m in module.modules()):
+        return {clean_name(n): p.detach().cpu() for n, p in module.named_parameters() if p.requires_grad}
     gathered = {}
-    for prefix, unit in units:
+    for prefix, unit in _adapter_units(module):
         with FSDP.summon_full_params(unit, recurse=False, writeback=False):
-            for name, param in unit.named_parameters():
-                if param.requires_grad:
-                    gathered[clean_name(f"{prefix}.{name}")] = param.detach().cpu().clone()
+            for name, param in unit.module.named_parameters():
+                gathered[clean_name(f"{prefix}.{name}")] = param.detach().cpu().clone()
     if set(gathered) != trainable:
         missing = sorted(trainable - set(gathered))
         raise RuntimeError(f"{len(missing)} trainable parameters are outside FSDP adapter units, e.g. {missing[:1]}")
@@ -146,14 +142,16 @@ class QLoRAFSDPStrategy(FSDPStrategy):
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # unwrap LightningOptimizer
         with _full_state_dict_type(self.model, rank0_only=True):
             state = FSDP.optim_state_dict(self.model, optimizer)
-        return key_optimizer_state(state, range(len(self.trainable_names()))) if self.global_rank == 0 else state
+        if self.global_rank != 0:
+            return state
+        return key_optimizer_state(state, {name: i for i, name in enumerate(self.trainable_names())})
 
     def load_optimizer_state_dict(self, checkpoint: dict) -> None:
         """Load each optimizer's state from a checkpoint of any strategy or device count (collective)."""
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
-            named = key_optimizer_state(state, self.trainable_names())
+            named = key_optimizer_state(state, dict(enumerate(self.trainable_names())))
             with _full_state_dict_type(self.model, rank0_only=False):
                 optimizer.load_state_dict(FSDP.optim_state_dict_to_load(self.model, optimizer, named))
 
@@ -171,15 +169,17 @@ class QLoRAFSDPStrategy(FSDPStrategy):
         return [clean_name(n) for n, p in self.lightning_module.named_parameters() if p.requires_grad]
 
 
-def key_optimizer_state(state: dict, keys) -> dict:
-    """``state`` (a torch optimizer state dict keyed by ids or names) keyed by ``keys`` instead, by position.
+def key_optimizer_state(state: dict, mapping: dict) -> dict:
+    """``state`` (a torch optimizer state dict) with each parameter key ``k`` replaced by ``mapping[k]``, keys that
+    are already values of ``mapping`` kept, and each group's parameters in key order.
 
-    torch's ``Optimizer.load_state_dict`` matches parameters by position too, so the result loads either way.
+    Single-device checkpoints number the trainable parameters 0, 1, … in the optimizer's order; FSDP names them.
     """
-    saved = [key for group in state["param_groups"] for key in group["params"]]
-    mapping = dict(zip(saved, keys, strict=True))
-    groups = [{**group, "params": [mapping[key] for key in group["params"]]} for group in state["param_groups"]]
-    return {"state": {mapping[key]: value for key, value in state["state"].items()}, "param_groups": groups}
+    rekey = {**{v: v for v in mapping.values()}, **mapping}
+    order = {key: i for i, key in enumerate(mapping.values())}
+    groups = [{**group, "params": sorted((rekey[k] for k in group["params"]), key=order.__getitem__)}
+              for group in state["param_groups"]]
+    return {"state": {rekey[key]: value for key, value in state["state"].items()}, "param_groups": groups}
 
 
 def _full_state_dict_type(model: nn.Module, rank0_only: bool):

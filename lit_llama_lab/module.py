@@ -16,7 +16,7 @@ from torchmetrics.aggregation import MeanMetric
 from torchmetrics.text import Perplexity
 
 from lit_llama_lab.data.masking import IGNORE_INDEX
-from lit_llama_lab.fsdp import check_strategy, clean_name, is_fsdp, wrap_for_fsdp
+from lit_llama_lab.fsdp import check_strategy, clean_name, disable_cpu_repacking, is_fsdp, wrap_for_fsdp
 from lit_llama_lab.models import load_base_model, resolve_compute_dtype, resolve_quant_storage
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -146,6 +146,9 @@ class QLoRAModule(L.LightningModule):
         if self.hparams.gradient_checkpointing:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = get_peft_model(base, self.lora.peft_config())
+        # bitsandbytes would switch some CPU layers to its packed inference kernel mid-training (the HF model stays in
+        # eval mode), which computes differently from the training path and clashes with FSDP's flat parameters
+        disable_cpu_repacking(self.model)
         if is_fsdp(strategy):
             wrap_for_fsdp(self.model, strategy.root_device)
 
