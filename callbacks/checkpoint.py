@@ -7,6 +7,7 @@ no loader takes for a checkpoint, and the previous checkpoint untouched.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -16,8 +17,10 @@ from typing import Any
 from weakref import proxy
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lit_llama_lab.fsdp import gather_adapter_state_dict
 from lit_llama_lab.models import ADAPTER_METADATA
 
 log = logging.getLogger(__name__)
@@ -38,6 +41,26 @@ def replace_folder(source: Path, target: Path) -> None:
         shutil.rmtree(old)
     else:
         os.replace(source, target)
+
+
+def write_peft_files(peft_model, adapter: dict[str, torch.Tensor], folder: Path) -> None:
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``folder``, as peft's save_pretrained does.
+
+    ``adapter`` is keyed as the QLoRAModule's state dict (``model.base_model…lora_A.default.weight``). peft's own
+    save_pretrained cannot be used under FSDP: it reads the adapter key prefixes from the module tree, whose names
+    then hold FSDP wrapper prefixes that the gathered state dict has not.
+    """
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+    from safetensors.torch import save_file
+
+    config = copy.deepcopy(peft_model.peft_config["default"])
+    tuner = PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type]
+    state = {tuner._remove_adapter_name_from_key(name.removeprefix("model."), "default"): value.contiguous()
+             for name, value in adapter.items()}
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config.inference_mode = True
+    config.save_pretrained(str(folder))
 
 
 class AdapterCheckpoint(ModelCheckpoint):
@@ -105,9 +128,10 @@ class AdapterCheckpoint(ModelCheckpoint):
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         target = Path(filepath)
         partial = _partial_name(target)
+        adapter = gather_adapter_state_dict(trainer.lightning_module)  # collective under FSDP
         trainer.save_checkpoint(partial, self.save_weights_only)  # collective: every rank calls, rank 0 writes
         if trainer.is_global_zero:
-            self.write_adapter_folder(trainer, target.with_suffix(""))
+            self.write_adapter_folder(trainer, target.with_suffix(""), adapter)
             os.replace(partial, target)
         # the rest is ModelCheckpoint._save_checkpoint's bookkeeping (lightning 2.6), for the final name
         self._last_global_step_saved = trainer.global_step
@@ -131,11 +155,17 @@ class AdapterCheckpoint(ModelCheckpoint):
             "run": None if logger is None else f"{logger.name}/version_{logger.version}",
         }
 
-    def write_adapter_folder(self, trainer: L.Trainer, folder: Path) -> None:
-        """Write the peft adapter folder ``folder`` (temporary folder, then rename)."""
+    def write_adapter_folder(self, trainer: L.Trainer, folder: Path, adapter: dict | None = None) -> None:
+        """Write the peft adapter folder ``folder`` (temporary folder, then rename).
+
+        ``adapter``: full adapter weights keyed as the module's state dict (from ``gather_adapter_state_dict``,
+        needed under FSDP, where the model holds shards); default: the model's own parameters.
+        """
+        module = trainer.lightning_module
+        adapter = gather_adapter_state_dict(module) if adapter is None else adapter
         partial = _partial_name(folder)
         shutil.rmtree(partial, ignore_errors=True)
-        trainer.lightning_module.model.save_pretrained(str(partial), safe_serialization=True)
+        write_peft_files(module.model, adapter, partial)
         (partial / ADAPTER_METADATA).write_text(json.dumps(self.adapter_metadata(trainer), indent=2))
         replace_folder(partial, folder)
 

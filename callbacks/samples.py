@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
+from lit_llama_lab.fsdp import is_fsdp
 from lit_llama_lab.generation import generate
 
 DEFAULT_EMOJI = ["🐼", "🇺🇸", "🎂", "🤌", "👋🏽", "🦩", "🧑‍🚀"]
@@ -46,6 +47,9 @@ class SampleGenerations(Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or not self.questions():
+            return
+        if is_fsdp(trainer.strategy):  # one rank cannot run a sharded model; generate from a checkpoint instead
+            rank_zero_warn("SampleGenerations is skipped under FSDP: run `lit-llama-lab ui` on a checkpoint instead.")
             return
         chats = [[{"role": "user", "content": q}] for q in self.questions()]
         answers = generate(pl_module.model, pl_module.tokenizer, chats, max_new_tokens=self.max_new_tokens)

@@ -14,6 +14,7 @@ from lightning.pytorch.cli import LightningCLI  # noqa: E402
 from lit_llama_lab.data.datamodule import ChatDataModule  # noqa: E402
 from lit_llama_lab.module import QLoRAModule  # noqa: E402
 
+FSDP_STRATEGY = "lit_llama_lab.fsdp.QLoRAFSDPStrategy"
 # Subcommands that are not Trainer methods: name -> "module:function" run through jsonargparse.
 TOOLS = {
     "evaluate": "lit_llama_lab.evaluate:evaluate",
@@ -29,6 +30,14 @@ class LabCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.name_or_path", "data.tokenizer")
         parser.link_arguments("model.attn_implementation", "data.attn_implementation")
+
+    def before_instantiate_classes(self) -> None:
+        """``--trainer.strategy fsdp`` means :class:`lit_llama_lab.fsdp.QLoRAFSDPStrategy` (adapter-only checkpoints)."""
+        from jsonargparse import Namespace
+
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        if config is not None and config.get("trainer.strategy") == "fsdp":
+            config["trainer.strategy"] = Namespace(class_path=FSDP_STRATEGY, init_args=Namespace())
 
 
 def run_tool(name: str, args: list[str]) -> None:

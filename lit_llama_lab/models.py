@@ -34,6 +34,7 @@ ACCEPTED_FORMS = (
 )
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 Quantize = Literal["nf4", "fp4", "none"]
+QuantStorage = Literal["auto", "uint8", "bfloat16", "float16", "float32"]
 
 
 class ModelNotFoundError(ValueError):
@@ -243,8 +244,30 @@ def resolve_compute_dtype(name: str) -> torch.dtype:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
-def bnb_config(quantize: Quantize, compute_dtype: torch.dtype):
-    """The bitsandbytes 4-bit config (double quantization), or None for ``quantize='none'``."""
+def resolve_quant_storage(name: QuantStorage, compute_dtype: torch.dtype, sharded: bool = False) -> torch.dtype:
+    """The dtype bitsandbytes packs 4-bit weights into. ``auto``: uint8, or the compute dtype when ``sharded``.
+
+    Under FSDP (``sharded``) each decoder layer's 4-bit weights are flattened with its norms into one tensor, which
+    needs one floating dtype: any other choice raises, naming the fix. The stored bits are the same in every dtype,
+    so the model computes the same outputs.
+    """
+    if name == "auto":
+        return compute_dtype if sharded else torch.uint8
+    storage = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+    if sharded and storage != compute_dtype:
+        wanted = str(compute_dtype).removeprefix("torch.")
+        raise ValueError(
+            f"FSDP shards each decoder layer's 4-bit weights together with its {wanted} norms, so they must be stored "
+            f"as {wanted}, not {name}: pass --model.quant_storage {wanted} (or auto)."
+        )
+    return storage
+
+
+def bnb_config(quantize: Quantize, compute_dtype: torch.dtype, quant_storage: torch.dtype = torch.uint8):
+    """The bitsandbytes 4-bit config (double quantization), or None for ``quantize='none'``.
+
+    ``quant_storage`` is the dtype the packed 4-bit weights are stored in (uint8 by default; a float dtype for FSDP).
+    """
     if quantize == "none":
         return None
     from transformers import BitsAndBytesConfig
@@ -254,6 +277,7 @@ def bnb_config(quantize: Quantize, compute_dtype: torch.dtype):
         bnb_4bit_quant_type=quantize,
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
+        bnb_4bit_quant_storage=quant_storage,
     )
 
 
@@ -274,10 +298,12 @@ def load_base_model(
     compute_dtype: torch.dtype = torch.bfloat16,
     device: str | torch.device | None = None,
     attn_implementation: str = "sdpa",
+    quant_storage: torch.dtype = torch.uint8,
 ):
     """Load a base model and its tokenizer: 4-bit NF4 with double quantization unless ``quantize='none'``.
 
     Returns ``(model, tokenizer)`` with the special tokens fixed. ``device`` defaults to CUDA when present.
+    ``quant_storage`` is the dtype of the packed 4-bit weights (see :func:`resolve_quant_storage`).
     """
     from transformers import AutoModelForCausalLM
 
@@ -288,7 +314,7 @@ def load_base_model(
     model = AutoModelForCausalLM.from_pretrained(
         folder,
         dtype=compute_dtype,
-        quantization_config=bnb_config(quantize, compute_dtype),
+        quantization_config=bnb_config(quantize, compute_dtype, quant_storage),
         device_map={"": device},
         attn_implementation=attn_implementation,
         use_safetensors=True,

@@ -19,8 +19,9 @@ from torchmetrics.text import Perplexity
 from lit_llama_lab.data.masking import IGNORE_INDEX
 from lit_llama_lab.data.packing import pad_packed_batch
 from lit_llama_lab.fast import fast_label_loss
+from lit_llama_lab.fsdp import check_strategy, clean_name, disable_cpu_repacking, is_fsdp, wrap_for_fsdp
 from lit_llama_lab.graphs import GraphedLoss
-from lit_llama_lab.models import load_base_model, resolve_compute_dtype
+from lit_llama_lab.models import load_base_model, resolve_compute_dtype, resolve_quant_storage
 
 log = logging.getLogger(__name__)
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -102,6 +103,9 @@ class QLoRAModule(L.LightningModule):
             shape; same kernels, same math): removes the per-kernel launch overhead that dominates small models.
         graph_pad_multiple: with ``cuda_graphs``, packed rows are padded to a multiple of this many tokens so
             batches fall into few shapes (each shape is one capture and its own activation memory).
+        quant_storage: dtype the packed 4-bit weights are stored in: ``auto`` (uint8, or the compute dtype under
+            ``--trainer.strategy fsdp``, which can only shard floating tensors of one dtype), ``uint8``, ``bfloat16``,
+            ``float16`` or ``float32``. Outputs are the same in every storage dtype.
     """
 
     def __init__(
@@ -116,6 +120,7 @@ class QLoRAModule(L.LightningModule):
         attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa",
         cuda_graphs: bool = True,
         graph_pad_multiple: int = 128,
+        quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto",
     ) -> None:
         super().__init__()
         self.lora = lora or LoraArgs()
@@ -129,17 +134,25 @@ class QLoRAModule(L.LightningModule):
         self._graphed: GraphedLoss | None = None
 
     def configure_model(self) -> None:
-        """Load the base and attach adapters, once (Lightning may call this more than once)."""
+        """Load the base and attach adapters, once (Lightning may call this more than once).
+
+        Under FSDPStrategy the adapter leaves and decoder layers become FSDP units here (see
+        :func:`lit_llama_lab.fsdp.wrap_for_fsdp`); Lightning then wraps the whole module as the root unit.
+        """
         if self.model is not None:
             return
         from peft import get_peft_model
 
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        check_strategy(strategy)
+        compute_dtype = resolve_compute_dtype(self.hparams.compute_dtype)
         base, self.tokenizer = load_base_model(
             self.hparams.name_or_path,
             quantize=self.hparams.quantize,
-            compute_dtype=resolve_compute_dtype(self.hparams.compute_dtype),
-            device=self.trainer.strategy.root_device if self._trainer is not None else None,
+            compute_dtype=compute_dtype,
+            device=strategy.root_device if strategy is not None else None,
             attn_implementation=self.hparams.attn_implementation,
+            quant_storage=resolve_quant_storage(self.hparams.quant_storage, compute_dtype, sharded=is_fsdp(strategy)),
         )
         base.config.use_cache = False
         if self.hparams.gradient_checkpointing:
@@ -151,10 +164,22 @@ class QLoRAModule(L.LightningModule):
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
                 "use_reentrant": False, "preserve_rng_state": not self.hparams.cuda_graphs})
         self.model = get_peft_model(base, self.lora.peft_config())
+        # bitsandbytes would switch some CPU layers to its packed inference kernel mid-training (the HF model stays in
+        # eval mode), which computes differently from the training path and clashes with FSDP's flat parameters
+        disable_cpu_repacking(self.model)
+        # from_pretrained returns the model in eval mode and Lightning set this module's mode before the model
+        # existed: without this, dropout and gradient checkpointing (both need .training) would be off in training
+        self.model.train(self.training)
+        if is_fsdp(strategy):
+            wrap_for_fsdp(self.model, strategy.root_device)
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trainable (adapter) parameters, keyed as in this module's state dict."""
-        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+        """The trainable (adapter) parameters, keyed as in this module's single-device state dict.
+
+        Under FSDP the values are this rank's shards; :func:`lit_llama_lab.fsdp.gather_adapter_state_dict` gathers
+        full ones.
+        """
+        return {clean_name(name): p.detach() for name, p in self.named_parameters() if p.requires_grad}
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """Count the labelled tokens while the batch is still on the CPU (logging weights; no GPU sync later)."""
@@ -168,11 +193,16 @@ class QLoRAModule(L.LightningModule):
         On a GPU with ``cuda_graphs``: fixed-shape (:func:`~lit_llama_lab.fast.fast_label_loss`) and replayed from
         CUDA graphs. Elsewhere: logits at labelled positions only (:func:`label_loss`). Both compute the same loss.
         """
-        if self.hparams.cuda_graphs and batch["input_ids"].is_cuda:
+        if self.hparams.cuda_graphs and batch["input_ids"].is_cuda and self.trainer_world_size() == 1:
             if self._graphed is None:
                 self._graphed = GraphedLoss(self.model, fast_label_loss)
             return self._graphed(pad_packed_batch(batch, self.hparams.graph_pad_multiple, self.tokenizer.pad_token_id))
         return label_loss(self.model, batch)[0]
+
+    def trainer_world_size(self) -> int:
+        """Processes training together (1 without a trainer). CUDA graphs are used on one process only: captured
+        collectives (DDP's all-reduce, FSDP's gathers) are not supported here."""
+        return self.trainer.world_size if self._trainer is not None else 1
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.training_loss(batch)

@@ -29,3 +29,24 @@ def tiny_base():
     from lit_llama_lab.models import load_base_model
 
     return load_base_model("tiny-random", quantize="none", compute_dtype=torch.float32, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def one_process_run(tmp_path_factory):
+    """The reference for the DDP and FSDP tests: one process, 4 steps of 8 equal-length chats, through the CLI.
+
+    Returns ``(run_dir, source, adapter weights)``. Checks the premise both comparisons rest on: every example has the
+    same number of labelled tokens, so the mean of per-process means is the mean over the combined batch.
+    """
+    from cli_runs import BATCH, STEPS, chats, train
+
+    from lit_llama_lab.data.datamodule import ChatDataModule
+
+    root = tmp_path_factory.mktemp("one_process")
+    source = chats(root / "chats.jsonl", STEPS * BATCH)
+    data = ChatDataModule(source=str(source), tokenizer="tiny-random", packing=False, test_fraction=0,
+                          val_fraction=0, max_seq_length=64, cache_dir=str(root / "cache"))
+    data.setup("fit")
+    labelled = {sum(label != -100 for label in row["labels"]) for row in data.splits["train"]}
+    assert len(labelled) == 1, f"the premise fails: answers of {sorted(labelled)} labelled tokens"
+    return root / "one", source, train(root / "one", source, devices=1)

@@ -35,6 +35,13 @@ def test_only_adapters_train_and_are_saved():
     assert checkpoint["adapter_config"]["use_rslora"] is True
 
 
+def test_loaded_model_takes_the_module_mode():
+    """from_pretrained returns eval mode; training needs every layer in train mode (dropout, checkpointing)."""
+    module = QLoRAModule(name_or_path="tiny-random", lora=LoraArgs(r=8, dropout=0.1))
+    module.configure_model()
+    assert all(m.training for m in module.model.modules())
+
+
 def test_configure_model_is_idempotent():
     module = make_module()
     model = module.model

@@ -14,6 +14,7 @@ already shards and does not replace it.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Sized
 from typing import Any
 
@@ -116,7 +117,7 @@ class ResumableDataLoader(DataLoader):
     def state_dict(self) -> dict[str, int]:
         """``{"epoch", "batches"}``: the epoch being read and how many of its batches were handed out."""
         return {"epoch": self.sampler.epoch, "batches": self._batches, "seed": self.seed,
-                "world_size": rank_and_world_size()[1]}
+                "world_size": rank_and_world_size()[1], "epoch_batches": len(self)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue epoch ``state['epoch']`` after its first ``state['batches']`` batches."""
@@ -126,11 +127,14 @@ class ResumableDataLoader(DataLoader):
                 "resume with the same --data.seed, or start a new run."
             )
         saved, now = state.get("world_size", 1), rank_and_world_size()[1]
-        if saved != now and state["batches"]:
+        batches = state["batches"]
+        if batches and batches >= state.get("epoch_batches", batches + 1):
+            batches = sys.maxsize  # the epoch was read to its end: skip all of it, whatever the number of processes
+        elif saved != now and batches:
             raise ValueError(
                 f"The checkpoint stopped mid-epoch with {saved} process(es), this run has {now}: each process's "
                 "position in the epoch depends on the number of processes. Resume with the same number of devices "
                 "and nodes, or start a new run from the checkpoint's adapter folder."
             )
         self.sampler.set_epoch(state["epoch"])
-        self._resume = (state["epoch"], state["batches"])
+        self._resume = (state["epoch"], batches)
