@@ -122,7 +122,9 @@ class AdapterCheckpoint(ModelCheckpoint):
         return super()._find_last_checkpoints(trainer)
 
     def _should_skip_saving_checkpoint(self, trainer: L.Trainer) -> bool:
-        diverged = any(getattr(cb, "diverged", None) for cb in trainer.callbacks)
+        # a guard that reads losses every few batches reads the pending ones now, so no diverged adapter is written
+        diverged = any(cb.check_pending(trainer) if hasattr(cb, "check_pending") else getattr(cb, "diverged", None)
+                       for cb in trainer.callbacks)
         return diverged or super()._should_skip_saving_checkpoint(trainer)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:

@@ -12,12 +12,17 @@ from lightning.pytorch.callbacks import Callback
 def real_tokens(batch: dict, pad_id: int | None, eos_id: int | None = None) -> int:
     """Tokens that are not padding: the 2-D attention mask's sum, else ``input_ids != pad_id`` (when padding has its
     own id), else every position."""
+    return int(real_token_count(batch, pad_id, eos_id))
+
+
+def real_token_count(batch: dict, pad_id: int | None, eos_id: int | None = None) -> torch.Tensor | int:
+    """:func:`real_tokens` as a tensor on the batch's device, so counting waits for nothing on a GPU."""
     mask = batch.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-        return int(mask.sum())
+        return mask.sum()
     ids = batch["input_ids"]
     if pad_id is not None and pad_id != eos_id:
-        return int((ids != pad_id).sum())
+        return (ids != pad_id).sum()
     return ids.numel()
 
 
@@ -36,11 +41,12 @@ class TokenThroughput(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         tokenizer = getattr(pl_module, "tokenizer", None)
-        self.tokens += real_tokens(batch, getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
+        # summed on the device: read (one sync) only when logged
+        self.tokens += real_token_count(batch, getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None))
         if (batch_idx + 1) % max(1, trainer.log_every_n_steps) != 0:
             return
         now = time.perf_counter()
-        metrics = {"throughput/tokens_per_sec": self.tokens / max(now - self.started, 1e-9)}
+        metrics = {"throughput/tokens_per_sec": float(self.tokens) / max(now - self.started, 1e-9)}
         if pl_module.device.type == "cuda":
             metrics["throughput/max_memory_gb"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)

@@ -68,14 +68,6 @@ def wrap_for_fsdp(module: nn.Module, device: torch.device) -> nn.Module:
     return module
 
 
-def disable_cpu_repacking(module: nn.Module) -> None:
-    """Stop bitsandbytes from repacking 4-bit weights for its CPU kernel (it does so in place, in eval mode without
-    grad, on CPUs with AVX512-BF16): under FSDP those weights are views into FSDP's flat parameter."""
-    for layer in module.modules():
-        if hasattr(layer, "support_avx512bf16_for_cpu"):
-            layer.support_avx512bf16_for_cpu = False
-
-
 def _adapter_units(module: nn.Module):
     """``(prefix, unit)`` for each FSDP unit around an adapter leaf, in module order (the same on all ranks)."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP

@@ -321,7 +321,21 @@ def load_base_model(
         trust_remote_code=False,
     )
     fix_special_tokens(tokenizer, model)
+    disable_cpu_repacking(model)
     return model, tokenizer
+
+
+def disable_cpu_repacking(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes' 4-bit layers on the one computation training uses.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks 4-bit weights in place on the first forward in eval mode without
+    grad and switches to a bf16 inference kernel. That kernel's logits differ from the training path's by up to ~0.09
+    on SmolLM2 (and between batch shapes), so evaluation, export checks and packed-vs-alone comparisons would depend on
+    the CPU model; under FSDP the repacked weights are views into FSDP's flat parameter. GPUs are unaffected.
+    """
+    for layer in model.modules():
+        if hasattr(layer, "support_avx512bf16_for_cpu"):
+            layer.support_avx512bf16_for_cpu = False
 
 
 ADAPTER_METADATA = "lit_llama_lab.json"  # beside adapter_config.json: base name, quantize, step, metrics

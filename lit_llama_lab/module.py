@@ -19,7 +19,7 @@ from torchmetrics.text import Perplexity
 from lit_llama_lab.data.masking import IGNORE_INDEX
 from lit_llama_lab.data.packing import pad_packed_batch
 from lit_llama_lab.fast import fast_label_loss
-from lit_llama_lab.fsdp import check_strategy, clean_name, disable_cpu_repacking, is_fsdp, wrap_for_fsdp
+from lit_llama_lab.fsdp import check_strategy, clean_name, is_fsdp, wrap_for_fsdp
 from lit_llama_lab.graphs import GraphedLoss
 from lit_llama_lab.models import load_base_model, resolve_compute_dtype, resolve_quant_storage
 
@@ -164,9 +164,6 @@ class QLoRAModule(L.LightningModule):
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
                 "use_reentrant": False, "preserve_rng_state": not self.hparams.cuda_graphs})
         self.model = get_peft_model(base, self.lora.peft_config())
-        # bitsandbytes would switch some CPU layers to its packed inference kernel mid-training (the HF model stays in
-        # eval mode), which computes differently from the training path and clashes with FSDP's flat parameters
-        disable_cpu_repacking(self.model)
         # from_pretrained returns the model in eval mode and Lightning set this module's mode before the model
         # existed: without this, dropout and gradient checkpointing (both need .training) would be off in training
         self.model.train(self.training)
@@ -207,7 +204,9 @@ class QLoRAModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.training_loss(batch)
         labelled = batch.get("num_labelled") or int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        self.log("train_loss", loss, prog_bar=True, batch_size=labelled)
+        self.log("train_loss", loss, batch_size=labelled)
+        if self.global_step % 10 == 0:  # the progress bar reads its values every step, which waits for the GPU
+            self.log("loss", loss, prog_bar=True, logger=False, batch_size=labelled)
         self.log("train_tokens", float(batch["input_ids"].numel()), reduce_fx="sum", batch_size=1)
         return loss
 

@@ -36,8 +36,14 @@ if [ "$STAGE" = speed ]; then
     > "$OUT/prepare.log" 2>&1 || echo "prepare failed: see prepare.log" | tee -a "$OUT/summary.log"
   run main    260 "${ONE_B[@]}" --real_data false --paths baseline,baseline+amp,ours,ours+graphs,ours+varlen,ours+varlen+graphs
   run compile 200 "${ONE_B[@]}" --real_data false --paths ours+varlen+compile
+elif [ "$STAGE" = speed2 ]; then   # the fastest eager-compiled paths, and a repeat of the best graphed one for spread
+  timeout 150 "$PY" -c "from lit_llama_lab.bench import shape_model; print(shape_model('llama-3.2-1b', '${TOKENIZER:-smollm2-135m}'))" \
+    > "$OUT/prepare.log" 2>&1 || echo "prepare failed: see prepare.log" | tee -a "$OUT/summary.log"
+  run main           120 "${ONE_B[@]}" --real_data false --paths baseline,baseline+amp,ours+varlen+graphs
+  run compile        200 "${ONE_B[@]}" --real_data false --paths ours+varlen+compile
+  run compile_graphs 200 "${ONE_B[@]}" --real_data false --paths ours+varlen+compile+graphs
 else
-  run loss    300 "${ONE_B[@]}" --paths baseline,baseline+amp,ours,ours+graphs --loss_steps 50 --steps 3 --warmup 1
+  run loss    300 "${ONE_B[@]}" --paths baseline,baseline+amp,ours,ours+graphs,ours+varlen+graphs --loss_steps 50 --steps 3 --warmup 1
 fi
 
 "$PY" - "$OUT" > "$OUT/summary.md" 2>>"$OUT/summary.log" <<'PY'

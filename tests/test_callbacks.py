@@ -165,6 +165,19 @@ def test_guard_stops_diverged_run(tmp_path, chat_file, factor, reason):
     assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
 
 
+def test_guard_reading_every_n_batches_stops_within_n_and_writes_no_bad_checkpoint(tmp_path, chat_file):
+    ckpt = AdapterCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, monitor=None, save_top_k=1)
+    guard = DivergenceGuard(window=3, check_every_n_steps=5)
+    trainer = make_trainer(tmp_path, [guard, ckpt], max_steps=30, limit_val_batches=0)
+    trainer.fit(make_model(Poisoned, factor=float("nan"), after=4), make_data(chat_file))
+
+    assert guard.diverged and "loss is nan" in guard.diverged
+    assert 5 <= trainer.global_step <= 4 + 5  # the NaN batch is the 5th; read by the 5-batch read at the latest
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 4  # the step-6 save read the pending NaN first and was skipped
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+
+
 def test_guard_exploding_loss_and_healthy_loss():
     guard = DivergenceGuard(window=2, explode_factor=4)
     assert [guard.problem(x) for x in [3.0, 2.0, 1.0, 1.0, 2.0, 3.0]] == [None] * 6
