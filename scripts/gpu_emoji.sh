@@ -16,12 +16,14 @@ ckpt=runs/emoji/checkpoints/last; ls $ckpt >> "$OUT/summary.log" 2>&1
 cp runs/emoji/version_0/events.out.tfevents.* "$OUT/events.tfevents" 2>/dev/null
 ev() { local t=$1; shift; timeout "$t" "$PY" -m lit_llama_lab.cli evaluate --batch_size 400 "$@" >> "$OUT/run.log" 2>&1; log "evaluate rc=$? $*"; }
 ev 150 --model "$ckpt" --split '[train,test]' --wordings '[train,heldout]' --limit 800
+if [ -z "${ONLY_FIT:-}" ]; then  # ONLY_FIT=1: train and evaluate the adapter only
 log "export"; timeout 90 "$PY" -m lit_llama_lab.cli export --checkpoint $ckpt --output exports/emoji --gguf f16,q8_0 >> "$OUT/run.log" 2>&1; log "export rc=$?"
 ls -la exports/emoji exports/emoji/gguf >> "$OUT/summary.log" 2>&1
 ev 60 --model exports/emoji --split test --quantize none
 for g in exports/emoji/gguf/*.gguf; do ev 60 --model "$g" --split test --quantize none; done
 timeout 60 "$PY" -m lit_llama_lab.cli export --checkpoint $ckpt --output exports/emoji-original --merge_into original --gguf none >> "$OUT/run.log" 2>&1
 ev 60 --model exports/emoji-original --split test --quantize none
+fi
 "$PY" - > "$OUT/evals.md" <<'PY'
 import json, pathlib
 print("| model | split | wordings | name acc | eos | mean tokens | perplexity | seconds |\n|---|---|---|---:|---:|---:|---:|---:|")
