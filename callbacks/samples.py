@@ -32,9 +32,16 @@ class SampleGenerations(Callback):
         emoji: emoji to ask about.
         prompts: free prompts asked as they are.
         max_new_tokens: answer length cap (generation runs on the training device; keep it small).
+        every_n_validations: generate after every n-th validation only (each costs seconds of eager decoding), and
+            always after the last one of the run.
     """
 
-    def __init__(self, emoji: list[str] | None = None, prompts: list[str] | None = None, max_new_tokens: int = 24):
+    def __init__(self, emoji: list[str] | None = None, prompts: list[str] | None = None, max_new_tokens: int = 24,
+                 every_n_validations: int = 1):
+        if every_n_validations < 1:
+            raise ValueError(f"every_n_validations must be >= 1, got {every_n_validations}.")
+        self.every_n_validations = every_n_validations
+        self.validations = 0
         self.emoji = list(DEFAULT_EMOJI if emoji is None else emoji)
         self.prompts = list(prompts or [])
         self.max_new_tokens = max_new_tokens
@@ -47,6 +54,11 @@ class SampleGenerations(Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking or not trainer.is_global_zero or not self.questions():
+            return
+        self.validations += 1
+        last = trainer.current_epoch + 1 >= (trainer.max_epochs or 0) > 0 or (
+            trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps)
+        if self.validations % self.every_n_validations and not last:
             return
         if is_fsdp(trainer.strategy):  # one rank cannot run a sharded model; generate from a checkpoint instead
             rank_zero_warn("SampleGenerations is skipped under FSDP: run `lit-llama-lab ui` on a checkpoint instead.")

@@ -6,6 +6,7 @@ import math
 from typing import Literal
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 
 
@@ -82,4 +83,6 @@ class WarmupSchedule(Callback):
         factor = self.factor(trainer.global_step, self.total_steps)
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
-        pl_module.log(f"lr-{type(optimizer).__name__}", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False, batch_size=1)
+        # a CPU tensor: logging a Python float copies it to the GPU, which waits for all queued GPU work
+        lr = torch.tensor(optimizer.param_groups[0]["lr"], dtype=torch.float64)
+        pl_module.log(f"lr-{type(optimizer).__name__}", lr, on_step=True, on_epoch=False, batch_size=1)

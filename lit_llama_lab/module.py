@@ -207,7 +207,8 @@ class QLoRAModule(L.LightningModule):
         self.log("train_loss", loss, batch_size=labelled)
         if self.global_step % 10 == 0:  # the progress bar reads its values every step, which waits for the GPU
             self.log("loss", loss, prog_bar=True, logger=False, batch_size=labelled)
-        self.log("train_tokens", float(batch["input_ids"].numel()), reduce_fx="sum", batch_size=1)
+        # a CPU tensor: a Python float would be copied to the GPU, waiting for every queued kernel
+        self.log("train_tokens", torch.tensor(float(batch["input_ids"].numel())), reduce_fx="sum", batch_size=1)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

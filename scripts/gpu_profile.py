@@ -1,4 +1,8 @@
-"""Where does a training step's time go? Times collate, forward/backward/step and batched generation."""
+"""Where does a GPU training step's time go? The floor of the step (no Lightning), eager vs CUDA graphs, and the
+cost of the sample generations, on real batches of a config.
+
+    python scripts/gpu_profile.py --config configs/emoji.yaml
+"""
 
 import sys
 import time
@@ -7,8 +11,26 @@ import torch
 
 from lit_llama_lab.cli import LabCLI
 from lit_llama_lab.data.datamodule import ChatDataModule
+from lit_llama_lab.fast import fast_label_loss
 from lit_llama_lab.generation import generate
-from lit_llama_lab.module import QLoRAModule, label_loss
+from lit_llama_lab.module import QLoRAModule
+
+
+def steps_per_second(module, batches, optimizer, graphs: bool) -> float:
+    """ms per step (loss, backward, clip, AdamW) over ``batches``, one sync at the end only."""
+    module.hparams.cuda_graphs = graphs
+    params = [p for p in module.parameters() if p.requires_grad]
+    for phase in ("warm", "timed"):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for batch in batches if phase == "timed" else batches[:6]:
+            loss = module.training_loss(batch) if graphs else fast_label_loss(module.model, batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / len(batches) * 1000
 
 
 def main():
@@ -16,42 +38,23 @@ def main():
     data, module = cli.datamodule, cli.model
     data.setup("fit")
     module.configure_model()
-    model = module.model
-    opt = module.configure_optimizers()
-    loader = data.train_dataloader()
-    it = iter(loader)
-    t = time.perf_counter()
-    batches = [next(it) for _ in range(40)]
-    print(f"collate: {(time.perf_counter() - t) / 40 * 1000:.1f} ms/batch", flush=True)
-    dev = next(model.parameters()).device
-    batches = [{k: v.to(dev) if hasattr(v, "to") else v for k, v in b.items()} for b in batches]
-    for phase, n in (("warm", 5), ("timed", 30)):
+    optimizer = module.configure_optimizers()
+    loader = iter(data.train_dataloader())
+    start = time.perf_counter()
+    cpu_batches = [next(loader) for _ in range(60)]
+    print(f"collate: {(time.perf_counter() - start) / 60 * 1000:.1f} ms/batch", flush=True)
+    batches = [{k: v.cuda() for k, v in b.items()} for b in cpu_batches]
+    for graphs in (False, True, False, True):
+        print(f"{'graphs' if graphs else 'eager '}: {steps_per_second(module, batches, optimizer, graphs):.1f} ms/step "
+              f"(no per-step sync; loss, backward, clip, fused AdamW)", flush=True)
+    print(f"graphs captured: {len(module._graphed.graphs)}, eager fallbacks: {module._graphed.eager_calls}")
+    chats = [[{"role": "user", "content": f"What is {e}?"}] for e in "🐼🇺🇸🎂🤌👋🏽🦩🧑‍🚀"] + [[{"role": "user", "content": "Hi"}]]
+    for _ in range(2):
         torch.cuda.synchronize()
-        t = time.perf_counter()
-        for b in batches[:n]:
-            loss, _, _ = label_loss(model, b)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
+        start = time.perf_counter()
+        generate(module.model, module.tokenizer, chats, max_new_tokens=24)
         torch.cuda.synchronize()
-        print(f"{phase}: {(time.perf_counter() - t) / n * 1000:.1f} ms/step, loss {loss.item():.3f}, "
-              f"rows {b['input_ids'].shape}", flush=True)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as p:
-        for b in batches[:3]:
-            loss, _, _ = label_loss(model, b)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-        torch.cuda.synchronize()
-    print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
-    print(p.key_averages().table(sort_by="self_cuda_time_total", row_limit=12), flush=True)
-    rows = list(data.rows["test"])[:128]
-    chats = [[{"role": "user", "content": f"What is {r['character']}?"}] for r in rows]
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    answers = generate(model, module.tokenizer, chats, max_new_tokens=40, batch_size=128)
-    torch.cuda.synchronize()
-    print(f"generate 128 prompts: {time.perf_counter() - t:.1f} s; stopped {sum(a.stopped for a in answers)}", flush=True)
+        print(f"generate 8 chats x 24 tokens: {time.perf_counter() - start:.2f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -201,6 +201,16 @@ def test_sample_generations_logged_to_tensorboard(tmp_path, chat_file, capsys):
     assert printed.count("What is 🇺🇸?") == 1  # printed once, at fit end
 
 
+def test_sample_generations_every_second_validation_and_the_last(tmp_path, chat_file):
+    samples = SampleGenerations(emoji=["🐼"], max_new_tokens=2, every_n_validations=2)
+    trainer = make_trainer(tmp_path, [samples], max_steps=6, val_check_interval=2, num_sanity_val_steps=0)
+    trainer.fit(make_model(), make_data(chat_file))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(trainer.logger.log_dir, size_guidance={"tensors": 0}).Reload()
+    assert [e.step for e in events.Tensors("samples/text_summary")] == [4, 6]  # 2nd validation, then the last
+
+
 def test_token_throughput_counts_real_tokens(tmp_path, chat_file):
     data = make_data(chat_file)
     trainer = make_trainer(tmp_path, [TokenThroughput()], max_steps=3, limit_val_batches=0)
