@@ -39,11 +39,12 @@ if [ "$STAGE" = speed ]; then
 elif [ "$STAGE" = speed2 ]; then   # the fastest eager-compiled paths, and a repeat of the best graphed one for spread
   timeout 150 "$PY" -c "from lit_llama_lab.bench import shape_model; print(shape_model('llama-3.2-1b', '${TOKENIZER:-smollm2-135m}'))" \
     > "$OUT/prepare.log" 2>&1 || echo "prepare failed: see prepare.log" | tee -a "$OUT/summary.log"
-  run main           120 "${ONE_B[@]}" --real_data false --paths baseline,baseline+amp,ours+varlen+graphs
-  run compile        200 "${ONE_B[@]}" --real_data false --paths ours+varlen+compile
-  run compile_graphs 200 "${ONE_B[@]}" --real_data false --paths ours+varlen+compile+graphs
-else
-  run loss    300 "${ONE_B[@]}" --paths baseline,baseline+amp,ours,ours+graphs,ours+varlen+graphs --loss_steps 50 --steps 3 --warmup 1
+  run main           170 "${ONE_B[@]}" --real_data false --paths baseline,baseline+amp,ours,ours+varlen+graphs
+  run compile        150 "${ONE_B[@]}" --real_data false --paths ours+varlen+compile
+  run compile_graphs 150 "${ONE_B[@]}" --real_data false --paths ours+varlen+compile+graphs
+else  # the loss check trains SmolLM2 on emoji chats; its speed part runs the SmolLM2 shape (cheap to load)
+  run loss    300 --shape smollm2-135m --seq_len 2048 --micro_batch 4 --rank 16 --doc_len 512 --steps 5 --warmup 2 \
+    --paths baseline,baseline+amp,ours,ours+varlen+graphs,ours+varlen+compile --loss_steps 50
 fi
 
 "$PY" - "$OUT" > "$OUT/summary.md" 2>>"$OUT/summary.log" <<'PY'
