@@ -121,11 +121,21 @@ class AdapterCheckpoint(ModelCheckpoint):
         self.dirpath = self.resolve_dir(trainer)
         return super()._find_last_checkpoints(trainer)
 
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        self._in_batch_end = True  # ModelCheckpoint asks _should_skip_saving_checkpoint after every batch
+        try:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        finally:
+            self._in_batch_end = False
+
     def _should_skip_saving_checkpoint(self, trainer: L.Trainer) -> bool:
-        # a guard that reads losses every few batches reads the pending ones now, so no diverged adapter is written
-        diverged = any(cb.check_pending(trainer) if hasattr(cb, "check_pending") else getattr(cb, "diverged", None)
+        # A guard that reads losses every few batches reads the pending ones before a save, so no diverged adapter
+        # is written; only when a save may follow, since reading a GPU loss waits for the GPU.
+        saving_step = self._every_n_train_steps >= 1 and trainer.global_step % self._every_n_train_steps == 0
+        flush = saving_step or not getattr(self, "_in_batch_end", False)
+        diverged = any(cb.check_pending(trainer) if flush and hasattr(cb, "check_pending") else getattr(cb, "diverged", None)
                        for cb in trainer.callbacks)
-        return diverged or super()._should_skip_saving_checkpoint(trainer)
+        return bool(diverged) or super()._should_skip_saving_checkpoint(trainer)
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         target = Path(filepath)

@@ -205,8 +205,8 @@ class QLoRAModule(L.LightningModule):
         loss = self.training_loss(batch)
         labelled = batch.get("num_labelled") or int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         self.log("train_loss", loss, batch_size=labelled)
-        if self.global_step % 10 == 0:  # the progress bar reads its values every step, which waits for the GPU
-            self.log("loss", loss, prog_bar=True, logger=False, batch_size=labelled)
+        if self.global_step % 10 == 0:  # the progress bar reads its values every step: a GPU value would wait
+            self.log("loss", loss.detach().cpu(), prog_bar=True, logger=False, batch_size=labelled)
         # a CPU tensor: a Python float would be copied to the GPU, waiting for every queued kernel
         self.log("train_tokens", torch.tensor(float(batch["input_ids"].numel())), reduce_fx="sum", batch_size=1)
         return loss
