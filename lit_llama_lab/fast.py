@@ -77,6 +77,17 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return LinearCrossEntropy.apply(hidden, weight, targets, chunk)
 
 
+def final_hidden(model, batch: dict, decoder_keys: tuple[str, ...] = DECODER_KEYS) -> tuple:
+    """Run the decoder (no vocabulary projection) on ``batch``: ``(causal_lm, hidden [batch, seq, d])``.
+
+    ``decoder_keys`` present in ``batch`` go to the decoder; ``causal_lm`` is the model under any peft wrapper (its
+    ``get_output_embeddings`` is the vocabulary projection).
+    """
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    extra = {k: batch[k] for k in decoder_keys if k in batch}
+    return causal_lm, causal_lm.get_decoder()(input_ids=batch["input_ids"], use_cache=False, **extra).last_hidden_state
+
+
 def fast_label_loss(model, batch: dict, chunk: int = 0) -> torch.Tensor:
     """:func:`lit_llama_lab.module.label_loss`'s math (mean CE over labelled positions) with fixed shapes: the
     decoder runs on the whole batch and :func:`linear_cross_entropy` weighs unlabelled positions by zero, so no
@@ -85,9 +96,7 @@ def fast_label_loss(model, batch: dict, chunk: int = 0) -> torch.Tensor:
     The keys of :data:`DECODER_KEYS` present in ``batch`` (e.g. varlen's ``cu_seq_lens_q``) go to the decoder.
     Costs vocabulary logits at unlabelled positions too (chunked, never all at once).
     """
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    extra = {k: batch[k] for k in DECODER_KEYS if k in batch}
-    hidden = causal_lm.get_decoder()(input_ids=batch["input_ids"], use_cache=False, **extra).last_hidden_state
+    causal_lm, hidden = final_hidden(model, batch)
     targets = batch["labels"][:, 1:].reshape(-1)
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     return linear_cross_entropy(hidden, causal_lm.get_output_embeddings().weight, targets, chunk)

@@ -18,7 +18,7 @@ from torchmetrics.text import Perplexity
 
 from lit_llama_lab.data.masking import IGNORE_INDEX
 from lit_llama_lab.data.packing import pad_packed_batch
-from lit_llama_lab.fast import fast_label_loss
+from lit_llama_lab.fast import fast_label_loss, final_hidden
 from lit_llama_lab.fsdp import check_strategy, clean_name, is_fsdp, wrap_for_fsdp
 from lit_llama_lab.graphs import GraphedLoss
 from lit_llama_lab.models import load_base_model, resolve_compute_dtype, resolve_quant_storage
@@ -67,9 +67,7 @@ def labelled_hidden(model, batch: dict, decoder_keys=("attention_mask", "positio
     ``decoder_keys`` present in ``batch`` go to the decoder. Returns ``(causal_lm, hidden [n, d], targets [n])``,
     where ``causal_lm`` is the model under any peft wrapper (its ``get_output_embeddings`` is the vocab projection).
     """
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
-    extra = {k: batch[k] for k in decoder_keys if k in batch}
-    hidden = causal_lm.get_decoder()(input_ids=batch["input_ids"], use_cache=False, **extra).last_hidden_state
+    causal_lm, hidden = final_hidden(model, batch, decoder_keys)
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
     return causal_lm, hidden[:, :-1][keep], targets[keep]
