@@ -176,12 +176,6 @@ class QLoRAModule(L.LightningModule):
         """
         return {clean_name(name): p.detach() for name, p in self.named_parameters() if p.requires_grad}
 
-    def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        """Count the labelled tokens while the batch is still on the CPU (logging weights; no GPU sync later)."""
-        if isinstance(batch, dict) and "labels" in batch:
-            batch["num_labelled"] = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        return batch
-
     def training_loss(self, batch: dict) -> torch.Tensor:
         """Mean next-token cross-entropy over the labelled tokens of ``batch``.
 
@@ -201,6 +195,7 @@ class QLoRAModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.training_loss(batch)
+        # ChatDataModule counts on the CPU; counting a GPU batch here would wait for the GPU
         labelled = batch.get("num_labelled") or int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
         self.log("train_loss", loss, batch_size=labelled)
         if self.global_step % 10 == 0:  # the progress bar reads its values every step: a GPU value would wait

@@ -102,6 +102,14 @@ def test_packing_keeps_batch_size_examples_per_batch(tmp_path):
     assert tokens == sum(int((b["labels"] != -100).sum()) for b in padded_batches)
 
 
+def test_labelled_tokens_are_counted_before_the_transfer(tmp_path):
+    data = module(tmp_path, packing=True, max_seq_length=512)
+    data.setup()
+    batch = data.on_before_batch_transfer(next(iter(data.train_dataloader())), 0)
+    assert isinstance(batch["num_labelled"], int)  # a host int: logging it never waits for a GPU
+    assert batch["num_labelled"] == int((batch["labels"][:, 1:] != -100).sum()) > 0
+
+
 def test_eager_and_flex_masks_are_rebuilt_after_transfer(tmp_path):
     from torch.nn.attention.flex_attention import BlockMask
 

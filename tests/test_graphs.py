@@ -57,8 +57,7 @@ def test_padding_a_packed_batch_keeps_its_loss_and_isolates_the_padding(tiny_bas
 def test_training_loss_reaches_every_adapter():
     module = make_module()
     device = next(module.model.parameters()).device  # the GPU host's tests run this on CUDA
-    batch = emoji_batch(module.tokenizer, 4)
-    batch = {k: v.to(device) for k, v in module.on_before_batch_transfer(batch, 0).items() if k != "num_labelled"}
+    batch = {k: v.to(device) for k, v in emoji_batch(module.tokenizer, 4).items()}
     assert int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) > 0
     loss = module.training_loss(batch)
     loss.backward()
