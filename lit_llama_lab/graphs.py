@@ -66,7 +66,10 @@ class GraphedLoss:
                 return self.eager(batch)
             log.info("Capturing a CUDA graph of the training step for batch shape %s", tuple(tensors[0].shape))
             try:
-                graphed = torch.cuda.make_graphed_callables(_LossOf(self.model, self.loss_fn, keys, static), tensors)
+                # one eager warm-up pass (lazy initialisation stays out of the capture); torch's default of 3 costs
+                # two more full steps per shape for nothing on one process
+                graphed = torch.cuda.make_graphed_callables(_LossOf(self.model, self.loss_fn, keys, static), tensors,
+                                                            num_warmup_iters=1)
             except RuntimeError as error:  # an op that cannot be captured: keep training, eagerly
                 log.warning("CUDA graph capture failed (%s); training continues without graphs.", error)
                 self.max_graphs = len(self.graphs)
