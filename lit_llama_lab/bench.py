@@ -202,11 +202,16 @@ def path_options(path: str, defaults: dict) -> tuple[Callable, dict]:
     return build_ours, options
 
 
+def split_amp(options: dict) -> tuple[bool, dict]:
+    """``(autocast on?, the rest of the options)``: autocast is the training loop's, the rest go to the builder."""
+    return options.get("amp", True), {k: v for k, v in options.items() if k != "amp"}
+
+
 def measure_speed(builder: Callable, options: dict, setup: dict, batch: dict, steps: int, warmup: int) -> dict:
     """Warm-up steps, then ``steps`` timed steps on one batch: tokens/s, seconds/step, peak GPU memory, MFU."""
     device = setup["device"]
     _free(device)
-    amp, options = options.get("amp", True), {k: v for k, v in options.items() if k != "amp"}
+    amp, options = split_amp(options)
     model, loss_fn, prepare = builder(setup["name"], setup["rank"], setup["checkpointing"], device, setup["seed"],
                                       **options)
     prepared = prepare(batch)
@@ -239,7 +244,7 @@ def measure_speed(builder: Callable, options: dict, setup: dict, batch: dict, st
 def measure_loss(builder: Callable, options: dict, setup: dict, batches: list[dict], held_out: dict) -> dict:
     """Train a fresh model on real batches, then the loss on a held-out batch (the path's own loss function)."""
     device = setup["device"]
-    amp, options = options.get("amp", True), {k: v for k, v in options.items() if k != "amp"}
+    amp, options = split_amp(options)
     model, loss_fn, prepare = builder(setup["loss_model"], setup["rank"], setup["checkpointing"], device,
                                       setup["seed"], **options)
     losses = train_steps(model, loss_fn, [prepare(b) for b in batches], device, amp)

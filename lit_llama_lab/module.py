@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torchmetrics.aggregation import MeanMetric
 from torchmetrics.text import Perplexity
 
-from lit_llama_lab.data.masking import IGNORE_INDEX
+from lit_llama_lab.data.masking import IGNORE_INDEX, labelled_next_tokens
 from lit_llama_lab.data.packing import pad_packed_batch
 from lit_llama_lab.fast import fast_label_loss, final_hidden
 from lit_llama_lab.fsdp import check_strategy, clean_name, is_fsdp, wrap_for_fsdp
@@ -196,7 +196,7 @@ class QLoRAModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.training_loss(batch)
         # ChatDataModule counts on the CPU; counting a GPU batch here would wait for the GPU
-        labelled = batch.get("num_labelled") or int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        labelled = batch.get("num_labelled") or labelled_next_tokens(batch["labels"])
         self.log("train_loss", loss, batch_size=labelled)
         if self.global_step % 10 == 0:  # the progress bar reads its values every step: a GPU value would wait
             self.log("loss", loss.detach().cpu(), prog_bar=True, logger=False, batch_size=labelled)

@@ -30,15 +30,14 @@ run() {
 }
 
 ONE_B=(--shape llama-3.2-1b --seq_len 2048 --micro_batch 4 --rank 16 --doc_len 512 --steps 20 --warmup 3)
-if [ "$STAGE" = speed ]; then
-  # the random-weight 1B model is written to the cache once, before the variants race for it
+if [ "$STAGE" != loss ]; then  # the random-weight 1B model is written to the cache once, before the variants race
   timeout 150 "$PY" -c "from lit_llama_lab.bench import shape_model; print(shape_model('llama-3.2-1b', '${TOKENIZER:-smollm2-135m}'))" \
     > "$OUT/prepare.log" 2>&1 || echo "prepare failed: see prepare.log" | tee -a "$OUT/summary.log"
+fi
+if [ "$STAGE" = speed ]; then
   run main    260 "${ONE_B[@]}" --real_data false --paths baseline,baseline+amp,ours,ours+graphs,ours+varlen,ours+varlen+graphs
   run compile 200 "${ONE_B[@]}" --real_data false --paths ours+varlen+compile
 elif [ "$STAGE" = speed2 ]; then   # the fastest eager-compiled paths, and a repeat of the best graphed one for spread
-  timeout 150 "$PY" -c "from lit_llama_lab.bench import shape_model; print(shape_model('llama-3.2-1b', '${TOKENIZER:-smollm2-135m}'))" \
-    > "$OUT/prepare.log" 2>&1 || echo "prepare failed: see prepare.log" | tee -a "$OUT/summary.log"
   run main           170 "${ONE_B[@]}" --real_data false --paths baseline,baseline+amp,ours,ours+varlen+graphs
   run compile        150 "${ONE_B[@]}" --real_data false --paths ours+varlen+compile
   run compile_graphs 150 "${ONE_B[@]}" --real_data false --paths ours+varlen+compile+graphs

@@ -20,7 +20,7 @@ from lit_llama_lab.data.formats import (
     load_source,
     row_to_messages,
 )
-from lit_llama_lab.data.masking import IGNORE_INDEX, assistant_labels_batch
+from lit_llama_lab.data.masking import assistant_labels_batch, labelled_next_tokens
 from lit_llama_lab.data.packing import collate_packed, collate_padded, pack_balanced, packed_attention_mask
 from lit_llama_lab.data.sampler import ResumableDataLoader
 
@@ -252,7 +252,7 @@ class ChatDataModule(L.LightningDataModule):
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """Count the labelled tokens (``num_labelled``, the loss's logging weight) while the batch is on the CPU:
         counting on a GPU would make the host wait for it every step."""
-        batch["num_labelled"] = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        batch["num_labelled"] = labelled_next_tokens(batch["labels"])
         return batch
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:

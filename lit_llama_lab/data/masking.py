@@ -107,3 +107,8 @@ def assistant_labels(tokenizer, messages: list[dict], max_length: int | None = N
     any trained token.
     """
     return assistant_labels_batch(tokenizer, [messages], max_length)[0]
+
+
+def labelled_next_tokens(labels) -> int:
+    """How many positions of a ``[batch, seq]`` label tensor predict a labelled next token (the loss's count)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
