@@ -72,6 +72,9 @@ class AdapterCheckpoint(ModelCheckpoint):
     (base model, quantization, step, epoch, monitor, score, run), loadable by
     ``lit_llama_lab.models.load_for_inference`` or plain peft.
 
+    When ``last`` is saved at the step a top-k checkpoint was just written (each epoch end whose score made the top
+    k), it is hard-linked to that one's files rather than written again.
+
     Without ``dirpath`` checkpoints go to ``<logger save_dir>/<logger name>/checkpoints``, shared by all versions of
     that run name, so ``--ckpt_path last`` finds the newest ``last.ckpt`` of the previous attempt.
     No checkpoint is written once a DivergenceGuard has tripped, so ``last`` stays the last good one.
@@ -137,15 +140,48 @@ class AdapterCheckpoint(ModelCheckpoint):
                        for cb in trainer.callbacks)
         return bool(diverged) or super()._should_skip_saving_checkpoint(trainer)
 
+    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
+        # when a top-k checkpoint of this very step was just written, `last` is the same bytes: hard-link it
+        same_step = self._last_global_step_saved == trainer.global_step and self._last_checkpoint_saved
+        self._link_source = self._last_checkpoint_saved if same_step else None
+        try:
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+        finally:
+            self._link_source = None
+
+    def _link_saved(self, source: Path, target: Path) -> bool:
+        """Make ``target`` (+ its adapter folder) hard links to the files of ``source``, saved at the same step,
+        instead of serializing the same state again. Atomic like a write; False where links are not possible."""
+        try:
+            partial, folder_partial = _partial_name(target), _partial_name(target.with_suffix(""))
+            shutil.rmtree(folder_partial, ignore_errors=True)
+            shutil.copytree(source.with_suffix(""), folder_partial, copy_function=os.link)
+            partial.unlink(missing_ok=True)
+            os.link(source, partial)
+        except OSError as error:  # a file system without hard links: write the checkpoint instead
+            log.debug("Cannot hard-link %s to %s (%s); writing it.", source, target, error)
+            return False
+        replace_folder(folder_partial, target.with_suffix(""))
+        os.replace(partial, target)
+        return True
+
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         target = Path(filepath)
+        source = getattr(self, "_link_source", None)
+        if (source and trainer.world_size == 1 and Path(source) != target and Path(source).is_file()
+                and self._link_saved(Path(source), target)):
+            self._after_save(trainer, filepath)
+            return
         partial = _partial_name(target)
         adapter = gather_adapter_state_dict(trainer.lightning_module)  # collective under FSDP
         trainer.save_checkpoint(partial, self.save_weights_only)  # collective: every rank calls, rank 0 writes
         if trainer.is_global_zero:
             self.write_adapter_folder(trainer, target.with_suffix(""), adapter)
             os.replace(partial, target)
-        # the rest is ModelCheckpoint._save_checkpoint's bookkeeping (lightning 2.6), for the final name
+        self._after_save(trainer, filepath)
+
+    def _after_save(self, trainer: L.Trainer, filepath: str) -> None:
+        # ModelCheckpoint._save_checkpoint's bookkeeping (lightning 2.6), for the final name
         self._last_global_step_saved = trainer.global_step
         self._last_checkpoint_saved = filepath
         if trainer.is_global_zero:

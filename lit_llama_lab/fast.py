@@ -68,12 +68,13 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """Mean next-token cross-entropy of ``hidden [rows, d] @ weight [vocab, d].T`` against ``targets [rows]``, over
     the rows whose target is not ``IGNORE_INDEX`` (-100).
 
-    ``chunk`` rows per step (0: about 2**27 logits per chunk, 512 MiB in fp32).
+    ``chunk`` rows per step (0: about 2**25 logits per chunk, 128 MiB in fp32: with a 128k vocabulary a chunk is
+    256 rows, still one large matmul, and the loss's transient memory stays a small part of a 1B model's step).
     """
     if hidden.shape[0] != targets.shape[0]:
         raise ValueError(f"hidden has {hidden.shape[0]} rows but targets {targets.shape[0]}: select labelled rows "
                          "or pass one target per row.")
-    chunk = chunk or max(1, 2**27 // weight.shape[0])
+    chunk = chunk or max(1, 2**25 // weight.shape[0])
     return LinearCrossEntropy.apply(hidden, weight, targets, chunk)
 
 
@@ -100,6 +101,42 @@ def fast_label_loss(model, batch: dict, chunk: int = 0) -> torch.Tensor:
     targets = batch["labels"][:, 1:].reshape(-1)
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     return linear_cross_entropy(hidden, causal_lm.get_output_embeddings().weight, targets, chunk)
+
+
+def keep_fp32_residual(model) -> bool:
+    """Carry the residual stream (the hidden state between and around the decoder's blocks) in fp32 while every
+    matmul, the attention and the adapters keep running in the model's compute dtype.
+
+    A bf16 model rounds the residual stream to bf16 at every block; the plain stack's
+    ``prepare_model_for_kbit_training`` keeps it in fp32 by upcasting the embeddings and norms (and, with them, the
+    whole 128k-vocabulary lm_head) to fp32. This gets the same fp32 stream without upcasting any weight:
+
+    - the embedding output is cast to fp32, so each residual add accumulates in fp32;
+    - each RMSNorm computes in fp32 as before, and its output, the input of the next projections, is rounded to the
+      compute dtype once (Hugging Face's norm rounds before its weight multiply and again after);
+    - the rotary cos/sin, computed from the hidden state's dtype, are cast to the compute dtype so queries and keys
+      stay in it.
+
+    The cost is the stream's own memory: fp32 hidden states at the checkpointed block boundaries (twice bf16's).
+    Returns False (nothing to do) when the model already computes in fp32. Hooks only: weights are untouched, and
+    the model saves and merges as before.
+    """
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = causal_lm.get_decoder()
+    compute = decoder.embed_tokens.weight.dtype
+    if compute == torch.float32 or getattr(decoder, "_fp32_residual", False):
+        return False
+    decoder.embed_tokens.register_forward_hook(lambda module, args, out: out.float())
+    to_compute = lambda module, args, out: out.to(compute)  # noqa: E731
+    norms = [m for m in decoder.modules() if type(m).__name__.endswith("RMSNorm")]
+    if not norms:
+        raise ValueError(f"fp32_residual found no RMSNorm in {type(decoder).__name__}: it supports Llama-style "
+                         "decoders only; pass fp32_residual=False.")
+    for norm in norms:
+        norm.register_forward_hook(to_compute)
+    decoder.rotary_emb.register_forward_hook(lambda module, args, out: tuple(t.to(compute) for t in out))
+    decoder._fp32_residual = True
+    return True
 
 
 def attention_inputs(batch: dict, attention: Attention) -> dict:
@@ -199,11 +236,13 @@ def compile_decoder_layers(model) -> int:
 
 
 def fast_peft_model(base, lora_config, gradient_checkpointing: bool = True, attention: Attention = "sdpa",
-                    compile: bool = False, liger: bool = False, preserve_rng_state: bool = True):
+                    compile: bool = False, liger: bool = False, preserve_rng_state: bool = True,
+                    fp32_residual: bool = True):
     """Our training setup of a loaded (4-bit) base: adapters from ``lora_config`` without peft's
-    ``prepare_model_for_kbit_training`` (its fp32 upcast of embeddings, lm_head and norms costs time and memory and
-    is not needed under bf16 autocast), non-reentrant checkpointing, the chosen attention, optional Liger kernels
-    and compiled decoder layers. Seed torch before calling for a reproducible adapter init.
+    ``prepare_model_for_kbit_training`` (its fp32 upcast of embeddings, lm_head and norms costs time and memory;
+    ``fp32_residual`` keeps the residual stream in fp32 without it, see :func:`keep_fp32_residual`), non-reentrant
+    checkpointing, the chosen attention, optional Liger kernels and compiled decoder layers. Seed torch before
+    calling for a reproducible adapter init.
     ``preserve_rng_state=False`` lets checkpointing run inside a CUDA graph capture (safe without dropout).
     """
     from peft import get_peft_model
@@ -211,6 +250,8 @@ def fast_peft_model(base, lora_config, gradient_checkpointing: bool = True, atte
     base.config.use_cache = False
     if liger:
         apply_liger(base)
+    if fp32_residual:
+        keep_fp32_residual(base)
     use_attention(base, attention)
     if gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,

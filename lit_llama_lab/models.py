@@ -351,12 +351,17 @@ def load_for_inference(
     quantize: Quantize | None = None,
     compute_dtype: str = "auto",
     device: str | torch.device | None = None,
+    fp32_residual: bool = True,
 ):
     """Load a base model, or a base with an adapter folder on top, ready for :func:`generate`.
 
     For an adapter folder the base comes from its ``lit_llama_lab.json`` (or peft's ``base_model_name_or_path``)
-    and is quantized as in training unless ``quantize`` says otherwise. Returns ``(model, tokenizer)`` in eval mode.
+    and is quantized as in training unless ``quantize`` says otherwise. ``fp32_residual``: as training does by
+    default, the residual stream stays fp32 under a bf16/fp16 compute dtype (:func:`lit_llama_lab.fast.keep_fp32_residual`).
+    Returns ``(model, tokenizer)`` in eval mode.
     """
+    from lit_llama_lab.fast import keep_fp32_residual
+
     import json
 
     dtype = resolve_compute_dtype(compute_dtype)
@@ -373,5 +378,7 @@ def load_for_inference(
         model = PeftModel.from_pretrained(model, folder, is_trainable=False)
     else:
         model, tokenizer = load_base_model(name_or_path, quantize or "nf4", dtype, device)
+    if fp32_residual:
+        keep_fp32_residual(model)
     model.eval()
     return model, tokenizer

@@ -14,6 +14,7 @@ import time
 import lightning as L
 import torch
 
+from callbacks import AdapterCheckpoint, SampleGenerations
 from lit_llama_lab.cli import LabCLI
 from lit_llama_lab.data.datamodule import ChatDataModule
 from lit_llama_lab.data.emoji import HELDOUT_WORDINGS, TRAIN_WORDINGS
@@ -22,12 +23,14 @@ from lit_llama_lab.module import QLoRAModule
 
 
 class PhaseTimer(L.Callback):
-    """Wall seconds spent in training batches (step + batch-end callbacks), in validation (with sample
-    generations), and in the first batch of each new shape (CUDA graph captures happen there). Batches are timed on
-    the host without a sync, so GPU work lands wherever the host next waits for it."""
+    """Wall seconds spent in training batches (step + batch-end callbacks), in validation (sample generations and
+    checkpoint writes at its end included), in the first batch of each new shape (CUDA graph captures happen there),
+    before the first batch (model load, sanity check) and after the last epoch. Batches are timed on the host
+    without a sync, so GPU work lands wherever the host next waits for it. :func:`time_calls` adds the time of
+    single methods (model load, sample tables, checkpoint writes) under their own keys."""
 
     def __init__(self) -> None:
-        self.seconds = {"train_batches": 0.0, "validation": 0.0, "first_batches": 0.0}
+        self.seconds = {"train_batches": 0.0, "validation": 0.0, "first_batches": 0.0, "sanity_check": 0.0}
         self.shapes: set = set()
         self.t = 0.0
 
@@ -47,9 +50,34 @@ class PhaseTimer(L.Callback):
         self._sync(pl_module)
         self.v = time.perf_counter()
 
-    def on_validation_end(self, trainer, pl_module):
+    def on_validation_end(self, trainer, pl_module):  # runs before the other callbacks' on_validation_end
         self._sync(pl_module)
-        self.seconds["validation"] += time.perf_counter() - self.v
+        self.seconds["sanity_check" if trainer.sanity_checking else "validation"] += time.perf_counter() - self.v
+
+    def on_train_start(self, trainer, pl_module):
+        self.seconds["before_first_batch"] = time.perf_counter() - self.fit_start
+
+    def on_train_end(self, trainer, pl_module):
+        self._sync(pl_module)
+        self.train_end = time.perf_counter()
+
+
+def time_calls(timer: PhaseTimer, owner, name: str, key: str) -> None:
+    """Add the wall time of every call of ``owner.name`` (synchronized on a GPU) to ``timer.seconds[key]``."""
+    original = getattr(owner, name)
+
+    def timed(*args, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            timer.seconds[key] = timer.seconds.get(key, 0.0) + time.perf_counter() - start
+
+    setattr(owner, name, timed)
 
 
 def accuracy(model, tok, rows, wordings, batch_size=128):
@@ -68,12 +96,16 @@ def main():
     data.setup("fit")
     epoch_tokens = sum(len(e["input_ids"]) for e in data.splits["train"])
     timer = PhaseTimer()
-    cli.trainer.callbacks.append(timer)
+    cli.trainer.callbacks.insert(0, timer)  # first: its validation end is timed before samples and checkpoints
+    time_calls(timer, QLoRAModule, "configure_model", "model_load")
+    time_calls(timer, SampleGenerations, "on_validation_end", "sample_tables")
+    time_calls(timer, AdapterCheckpoint, "_save_checkpoint", "checkpoint_writes")
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
+    start = timer.fit_start = time.perf_counter()
     cli.trainer.fit(module, datamodule=data)
     seconds = time.perf_counter() - start
+    timer.seconds["after_train_end"] = time.perf_counter() - timer.train_end
     tokens = epoch_tokens * max(1, cli.trainer.current_epoch)
     result = {"args": args, "epochs": cli.trainer.current_epoch, "steps": cli.trainer.global_step,
               "train_seconds": seconds, "phases": timer.seconds, "batch_shapes": len(timer.shapes),

@@ -10,8 +10,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/su
 log "convert"; "$PY" -c "from lit_llama_lab.models import load_tokenizer; load_tokenizer('smollm2-135m'); load_tokenizer('tiny-random')" > "$OUT/run.log" 2>&1
 log "gpu tests"; timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_graphs.py >> "$OUT/run.log" 2>&1; log "pytest rc=$?"
 log "fit"; rm -rf runs/emoji
-EVAL_LIMIT=1 timeout ${FIT_LIMIT:-330} "$PY" scripts/emoji_experiment.py "$OUT/fit.json" fit --config configs/emoji.yaml --trainer.profiler simple ${FIT_ARGS:-} > "$OUT/fit.log" 2>&1
-log "fit rc=$?"; grep -E '"(train_seconds|steps|epochs|tokens_per_s|peak_gib|val_loss|train_batches|validation|first_batches|batch_shapes)"' "$OUT/fit.json" | tee -a "$OUT/summary.log"
+EVAL_LIMIT=1 timeout ${FIT_LIMIT:-330} "$PY" scripts/emoji_experiment.py "$OUT/fit.json" fit --config configs/emoji.yaml ${FIT_ARGS:-} > "$OUT/fit.log" 2>&1
+log "fit rc=$?"; grep -E '"(train_seconds|steps|epochs|tokens_per_s|peak_gib|val_loss|train_batches|validation|first_batches|batch_shapes|sanity_check|model_load|sample_tables|checkpoint_writes|before_first_batch|after_train_end)"' "$OUT/fit.json" | tee -a "$OUT/summary.log"
 ckpt=runs/emoji/checkpoints/last; ls $ckpt >> "$OUT/summary.log" 2>&1
 cp runs/emoji/version_0/events.out.tfevents.* "$OUT/events.tfevents" 2>/dev/null
 ev() { local t=$1; shift; timeout "$t" "$PY" -m lit_llama_lab.cli evaluate --batch_size 400 "$@" >> "$OUT/run.log" 2>&1; log "evaluate rc=$? $*"; }

@@ -3,14 +3,17 @@
 
 from __future__ import annotations
 
+import copy
 import json
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lit_llama_lab.bench import bench, path_options, step_flops
-from lit_llama_lab.fast import attention_inputs, linear_cross_entropy
+from lit_llama_lab.fast import attention_inputs, keep_fp32_residual, linear_cross_entropy
+from lit_llama_lab.models import load_base_model
 
 
 def test_linear_cross_entropy_matches_plain_cross_entropy_and_its_gradients():
@@ -43,11 +46,40 @@ def test_varlen_inputs_split_the_flattened_batch_where_positions_restart():
     assert out["max_length_q"] == 3
 
 
+def test_fp32_residual_keeps_the_stream_fp32_and_the_matmuls_bf16_and_is_closer_to_fp32():
+    """A bf16 model with the fp32 residual stream: the blocks receive fp32 hidden states, every projection still
+    gets bf16 inputs, and the final hidden state is closer to the same weights computed wholly in fp32."""
+    model, _ = load_base_model("tiny-random", "none", torch.bfloat16, "cpu")
+    reference = copy.deepcopy(model).float()  # the same (bf16-rounded) weights, all math in fp32
+    plain = copy.deepcopy(model)
+    assert keep_fp32_residual(model) and not keep_fp32_residual(model)  # once only
+    assert not keep_fp32_residual(reference)  # nothing to do in fp32
+    seen = {}
+
+    def record(module, args, kwargs, name):
+        seen.setdefault(name, (args[0] if args else kwargs["hidden_states"]).dtype)
+
+    hooks = [module.register_forward_pre_hook(partial(record, name=name), with_kwargs=True)
+             for name, module in model.named_modules() if name.endswith(("layers.0", "q_proj", "down_proj", "norm"))]
+    ids = torch.randint(0, model.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = {name: m.model(input_ids=ids).last_hidden_state.float() for name, m in
+                  [("fp32 residual", model), ("bf16", plain), ("fp32", reference)]}
+    for hook in hooks:
+        hook.remove()
+    assert seen["model.layers.0"] == torch.float32 and seen["model.norm"] == torch.float32
+    assert seen["model.layers.0.self_attn.q_proj"] == seen["model.layers.0.mlp.down_proj"] == torch.bfloat16
+    assert hidden["fp32 residual"].dtype == torch.float32
+    error = {k: (hidden[k] - hidden["fp32"]).abs().max().item() for k in ("fp32 residual", "bf16")}
+    assert error["fp32 residual"] < 0.8 * error["bf16"], error
+
+
 def test_path_modifiers_and_clear_errors():
     builder, options = path_options("ours+flex+compile", {"attention": "sdpa", "compile": False})
     assert builder.__name__ == "build_ours" and options == {"amp": True, "attention": "flex", "compile": True}
     assert path_options("baseline", {}) == (path_options("baseline+amp", {})[0], {"amp": False})
     assert path_options("ours+graphs", {"graphs": False})[1]["graphs"] is True
+    assert path_options("ours+bf16res", {"fp32_residual": True})[1]["fp32_residual"] is False
     with pytest.raises(ValueError, match="Unknown modifier 'fast'"):
         path_options("ours+fast", {})
     with pytest.raises(ValueError, match=r"use baseline, baseline\+amp, ours"):

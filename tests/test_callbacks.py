@@ -136,6 +136,23 @@ def test_adapter_checkpoint_files_and_loading(tmp_path, chat_file):
         assert len(match) == 1 and torch.equal(match[0], value), key
 
 
+def test_last_is_a_hard_link_to_the_top_k_checkpoint_of_the_same_step(tmp_path, chat_file):
+    ckpt = AdapterCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, monitor="val_loss")
+    trainer = make_trainer(tmp_path, [ckpt], max_epochs=2, limit_train_batches=3)
+    trainer.fit(make_model(), make_data(chat_file))
+    folder = tmp_path / "ckpt"
+    epochs = sorted(folder.glob("epoch=*.ckpt"))
+    assert [p.name for p in epochs] == ["epoch=0-step=3.ckpt", "epoch=1-step=6.ckpt"]
+    last, newest = folder / "last.ckpt", epochs[-1]
+    assert last.stat().st_ino == newest.stat().st_ino != epochs[0].stat().st_ino  # one write for both names
+    weights = "adapter_model.safetensors"
+    assert (folder / "last" / weights).stat().st_ino == (newest.with_suffix("") / weights).stat().st_ino
+    # replacing `last` at epoch 1 left epoch 0's files (once linked as `last`) whole
+    assert torch.load(epochs[0], weights_only=True)["global_step"] == 3
+    assert torch.load(last, weights_only=True)["global_step"] == 6
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
 class Poisoned(QLoRAModule):
     """The real module, whose real loss is multiplied by ``factor`` from optimizer step ``after`` on."""
 
