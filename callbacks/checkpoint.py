@@ -140,6 +140,25 @@ class AdapterCheckpoint(ModelCheckpoint):
                        for cb in trainer.callbacks)
         return bool(diverged) or super()._should_skip_saving_checkpoint(trainer)
 
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_missed(trainer)
+
+    def _save_last_if_missed(self, trainer: L.Trainer) -> None:
+        """``last`` is the newest state at every epoch save point. Lightning 2.6 writes it there only when a top-k
+        checkpoint was written at the same step, so once the monitored score stops improving ``last`` would stay at
+        the best epoch: what evaluation calls the final model, and where ``--ckpt_path last`` resumes."""
+        if (self.save_last and self._every_n_epochs >= 1 and (trainer.current_epoch + 1) % self._every_n_epochs == 0
+                and self._last_global_step_saved != trainer.global_step
+                and not self._should_skip_saving_checkpoint(trainer)):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
         # when a top-k checkpoint of this very step was just written, `last` is the same bytes: hard-link it
         same_step = self._last_global_step_saved == trainer.global_step and self._last_checkpoint_saved

@@ -119,15 +119,15 @@ def build_baseline(name: str, rank: int, checkpointing: bool, device: torch.devi
 
 def build_ours(name: str, rank: int, checkpointing: bool, device: torch.device, seed: int, attention: Attention = "sdpa",
                compile: bool = False, liger: bool = False, chunked_ce: bool = True, graphs: bool = False,
-               fp32_residual: bool = True, ce_chunk: int = 0) -> tuple:
-    """Our path: no fp32 weight upcast (the residual stream alone in fp32 unless ``fp32_residual`` is off), chunked
+               fp32_activations: bool = True, ce_chunk: int = 0) -> tuple:
+    """Our path: no fp32 weight upcast (hidden states between matmuls in fp32 unless ``fp32_activations`` is off), chunked
     loss (``ce_chunk`` rows a chunk, 0: auto), our packing mask or flex/varlen attention; ``graphs``: the forward
     and backward replayed from CUDA graphs (rows padded to multiples of 128 tokens), as training does on a GPU."""
     base, tokenizer = load_base_model(name, "nf4", resolve_compute_dtype("auto"), device, "sdpa")
     torch.manual_seed(seed)
     model = fast_peft_model(base, LoraArgs(r=rank, alpha=rank).peft_config(), checkpointing, attention, compile, liger,
                             preserve_rng_state=not graphs,  # no dropout here: nothing random to replay
-                            fp32_residual=fp32_residual)
+                            fp32_activations=fp32_activations)
     chunked = partial(fast_label_loss, chunk=ce_chunk)
     if graphs and device.type == "cuda":
         graphed = GraphedLoss(model, chunked)
@@ -185,7 +185,7 @@ def step_flops(config, tokens: int, doc_len: int, lora_params: int) -> float:
 
 def path_options(path: str, defaults: dict) -> tuple[Callable, dict]:
     """``baseline`` (``+amp``) or ``ours`` plus ``+modifiers`` (sdpa, flex, varlen, compile, liger, graphs, fullce,
-    bf16res: the residual stream in bf16) -> builder, options. ``amp`` (bf16 autocast on a GPU) is on for ``ours`` and off for ``baseline``, the issue's
+    bf16act: hidden states in bf16) -> builder, options. ``amp`` (bf16 autocast on a GPU) is on for ``ours`` and off for ``baseline``, the issue's
     recipe as written."""
     name, *mods = path.strip().split("+")
     if name == "baseline" and mods in ([], ["amp"]):
@@ -201,11 +201,11 @@ def path_options(path: str, defaults: dict) -> tuple[Callable, dict]:
             options[mod] = True
         elif mod == "fullce":
             options["chunked_ce"] = False
-        elif mod == "bf16res":
-            options["fp32_residual"] = False
+        elif mod == "bf16act":
+            options["fp32_activations"] = False
         else:
             raise ValueError(f"Unknown modifier {mod!r} in {path!r}: use sdpa, flex, varlen, compile, liger, graphs, "
-                             "fullce, bf16res.")
+                             "fullce, bf16act.")
     return build_ours, options
 
 
@@ -314,7 +314,7 @@ def bench(
     liger: bool = False,
     chunked_ce: bool = True,
     graphs: bool = False,
-    fp32_residual: bool = True,
+    fp32_activations: bool = True,
     ce_chunk: int = 0,
     peak_tflops: float = 0.0,
     seed: int = 0,
@@ -342,7 +342,8 @@ def bench(
         liger: Liger-Kernel RMSNorm/RoPE/SwiGLU in our path (needs liger-kernel and a GPU).
         chunked_ce: our chunked linear cross-entropy; false uses module.label_loss (fp32 logits at labels).
         graphs: replay our forward and backward from CUDA graphs (GPU only), as training does.
-        fp32_residual: our residual stream in fp32 (matmuls stay bf16), as training does; ``+bf16res`` turns it off.
+        fp32_activations: our hidden states between matmuls in fp32 (matmuls stay bf16), as training does;
+            ``+bf16act`` turns it off.
         ce_chunk: rows per chunk of our cross-entropy (0: about 2**25 logits a chunk).
         peak_tflops: the device's bf16 peak for MFU; 0 guesses from the GPU name (H100/H200: 989), none on CPU.
         seed: seeds the adapter initialisation (the same for every path).
@@ -358,7 +359,7 @@ def bench(
              "seed": seed, "doc_len": doc_len, "peak_tflops": peak_tflops,
              "loss_model": ("tiny-random" if shape == "tiny" else "smollm2-135m") if loss_model == "auto" else loss_model}
     defaults = {"attention": attention, "compile": compile, "liger": liger, "chunked_ce": chunked_ce, "graphs": graphs,
-                "fp32_residual": fp32_residual, "ce_chunk": ce_chunk}
+                "fp32_activations": fp32_activations, "ce_chunk": ce_chunk}
     plans = {p.strip(): path_options(p, defaults) for p in paths.split(",") if p.strip()}
     from transformers import AutoConfig
 

@@ -103,39 +103,56 @@ def fast_label_loss(model, batch: dict, chunk: int = 0) -> torch.Tensor:
     return linear_cross_entropy(hidden, causal_lm.get_output_embeddings().weight, targets, chunk)
 
 
-def keep_fp32_residual(model) -> bool:
-    """Carry the residual stream (the hidden state between and around the decoder's blocks) in fp32 while every
-    matmul, the attention and the adapters keep running in the model's compute dtype.
+def _cast_in(module, args):
+    """Forward pre-hook of an unquantized layer: remember the input's dtype, compute in the weight's."""
+    module._input_dtype = args[0].dtype
+    return (args[0].to(module.weight.dtype), *args[1:])
 
-    A bf16 model rounds the residual stream to bf16 at every block; the plain stack's
-    ``prepare_model_for_kbit_training`` keeps it in fp32 by upcasting the embeddings and norms (and, with them, the
-    whole 128k-vocabulary lm_head) to fp32. This gets the same fp32 stream without upcasting any weight:
 
-    - the embedding output is cast to fp32, so each residual add accumulates in fp32;
-    - each RMSNorm computes in fp32 as before, and its output, the input of the next projections, is rounded to the
-      compute dtype once (Hugging Face's norm rounds before its weight multiply and again after);
-    - the rotary cos/sin, computed from the hidden state's dtype, are cast to the compute dtype so queries and keys
-      stay in it.
+def keep_fp32_activations(model) -> bool:
+    """Keep the hidden states between matmuls in fp32 while every matmul (4-bit base, adapters' inputs, attention)
+    still runs in the model's bf16/fp16 compute dtype: the numerics of the plain stack, whose
+    ``prepare_model_for_kbit_training`` gets them by upcasting embeddings, norms and lm_head to fp32 under bf16
+    autocast, without upcasting any weight.
 
-    The cost is the stream's own memory: fp32 hidden states at the checkpointed block boundaries (twice bf16's).
-    Returns False (nothing to do) when the model already computes in fp32. Hooks only: weights are untouched, and
-    the model saves and merges as before.
+    With a bf16 model every projection's output is rounded to bf16, and with it the sum of the frozen output and
+    the adapter's small update, so much of the update is lost in the forward pass while its gradient is not:
+    50 steps of SmolLM2 on emoji chats ended 1.2% above the plain stack's held-out loss. Here:
+
+    - the embedding output is cast to fp32, so the residual stream, the norms, the MLP's gate, up and activation
+      and each adapter's sum with its frozen projection stay fp32 (bitsandbytes casts each 4-bit layer's input to
+      the compute dtype for its matmul and returns the input's dtype; unquantized layers get hooks that do the
+      same);
+    - query, key and value are cast to the compute dtype (one rounding, as autocast does before attention) and so
+      are the rotary cos/sin, so rotary and attention run in it as before;
+    - the final norm's output is cast to the compute dtype for the vocabulary projection.
+
+    The cost is memory for the fp32 stream (checkpointed block boundaries, MLP intermediates) and bandwidth.
+    Returns False (nothing to do) when the model computes in fp32. Hooks only: weights are untouched, so the model
+    saves, merges and exports as before. Works before or after peft wraps the projections.
     """
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder = causal_lm.get_decoder()
     compute = decoder.embed_tokens.weight.dtype
-    if compute == torch.float32 or getattr(decoder, "_fp32_residual", False):
+    if compute == torch.float32 or getattr(decoder, "_fp32_activations", False):
         return False
-    decoder.embed_tokens.register_forward_hook(lambda module, args, out: out.float())
+    attention = [layer.self_attn for layer in decoder.layers if hasattr(layer, "self_attn")]
+    if not attention or not all(hasattr(a, name) for a in attention for name in ("q_proj", "k_proj", "v_proj")):
+        raise ValueError(f"fp32_activations needs Llama-style attention (q_proj, k_proj, v_proj) in "
+                         f"{type(decoder).__name__}; pass fp32_activations=False.")
     to_compute = lambda module, args, out: out.to(compute)  # noqa: E731
-    norms = [m for m in decoder.modules() if type(m).__name__.endswith("RMSNorm")]
-    if not norms:
-        raise ValueError(f"fp32_residual found no RMSNorm in {type(decoder).__name__}: it supports Llama-style "
-                         "decoders only; pass fp32_residual=False.")
-    for norm in norms:
-        norm.register_forward_hook(to_compute)
+    decoder.embed_tokens.register_forward_hook(lambda module, args, out: out.float())
     decoder.rotary_emb.register_forward_hook(lambda module, args, out: tuple(t.to(compute) for t in out))
-    decoder._fp32_residual = True
+    decoder.norm.register_forward_hook(to_compute)
+    for attn in attention:
+        for name in ("q_proj", "k_proj", "v_proj"):
+            getattr(attn, name).register_forward_hook(to_compute)
+    # plain (unquantized) layers: bitsandbytes' cast-in, input-dtype-out, which fp32 inputs need
+    for name, linear in decoder.layers.named_modules():
+        if type(linear) is torch.nn.Linear and linear.weight.dtype == compute and "lora_" not in name:
+            linear.register_forward_pre_hook(_cast_in)
+            linear.register_forward_hook(lambda module, args, out: out.to(module._input_dtype))
+    decoder._fp32_activations = True
     return True
 
 
@@ -237,10 +254,11 @@ def compile_decoder_layers(model) -> int:
 
 def fast_peft_model(base, lora_config, gradient_checkpointing: bool = True, attention: Attention = "sdpa",
                     compile: bool = False, liger: bool = False, preserve_rng_state: bool = True,
-                    fp32_residual: bool = True):
+                    fp32_activations: bool = True):
     """Our training setup of a loaded (4-bit) base: adapters from ``lora_config`` without peft's
     ``prepare_model_for_kbit_training`` (its fp32 upcast of embeddings, lm_head and norms costs time and memory;
-    ``fp32_residual`` keeps the residual stream in fp32 without it, see :func:`keep_fp32_residual`), non-reentrant
+    ``fp32_activations`` keeps the hidden states between matmuls in fp32 without it, see
+    :func:`keep_fp32_activations`), non-reentrant
     checkpointing, the chosen attention, optional Liger kernels and compiled decoder layers. Seed torch before
     calling for a reproducible adapter init.
     ``preserve_rng_state=False`` lets checkpointing run inside a CUDA graph capture (safe without dropout).
@@ -250,8 +268,8 @@ def fast_peft_model(base, lora_config, gradient_checkpointing: bool = True, atte
     base.config.use_cache = False
     if liger:
         apply_liger(base)
-    if fp32_residual:
-        keep_fp32_residual(base)
+    if fp32_activations:
+        keep_fp32_activations(base)
     use_attention(base, attention)
     if gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False,

@@ -351,16 +351,17 @@ def load_for_inference(
     quantize: Quantize | None = None,
     compute_dtype: str = "auto",
     device: str | torch.device | None = None,
-    fp32_residual: bool = True,
+    fp32_activations: bool = True,
 ):
     """Load a base model, or a base with an adapter folder on top, ready for :func:`generate`.
 
     For an adapter folder the base comes from its ``lit_llama_lab.json`` (or peft's ``base_model_name_or_path``)
-    and is quantized as in training unless ``quantize`` says otherwise. ``fp32_residual``: as training does by
-    default, the residual stream stays fp32 under a bf16/fp16 compute dtype (:func:`lit_llama_lab.fast.keep_fp32_residual`).
+    and is quantized as in training unless ``quantize`` says otherwise. ``fp32_activations``: as training does by
+    default, hidden states between matmuls stay fp32 under a bf16/fp16 compute dtype
+    (:func:`lit_llama_lab.fast.keep_fp32_activations`).
     Returns ``(model, tokenizer)`` in eval mode.
     """
-    from lit_llama_lab.fast import keep_fp32_residual
+    from lit_llama_lab.fast import keep_fp32_activations
 
     import json
 
@@ -378,7 +379,7 @@ def load_for_inference(
         model = PeftModel.from_pretrained(model, folder, is_trainable=False)
     else:
         model, tokenizer = load_base_model(name_or_path, quantize or "nf4", dtype, device)
-    if fp32_residual:
-        keep_fp32_residual(model)
+    if fp32_activations:
+        keep_fp32_activations(model)
     model.eval()
     return model, tokenizer

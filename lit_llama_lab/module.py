@@ -18,7 +18,7 @@ from torchmetrics.text import Perplexity
 
 from lit_llama_lab.data.masking import IGNORE_INDEX, labelled_next_tokens
 from lit_llama_lab.data.packing import pad_packed_batch
-from lit_llama_lab.fast import fast_label_loss, final_hidden, keep_fp32_residual
+from lit_llama_lab.fast import fast_label_loss, final_hidden, keep_fp32_activations
 from lit_llama_lab.fsdp import check_strategy, clean_name, is_fsdp, wrap_for_fsdp
 from lit_llama_lab.graphs import GraphedLoss
 from lit_llama_lab.models import load_base_model, resolve_compute_dtype, resolve_quant_storage
@@ -104,9 +104,10 @@ class QLoRAModule(L.LightningModule):
         quant_storage: dtype the packed 4-bit weights are stored in: ``auto`` (uint8, or the compute dtype under
             ``--trainer.strategy fsdp``, which can only shard floating tensors of one dtype), ``uint8``, ``bfloat16``,
             ``float16`` or ``float32``. Outputs are the same in every storage dtype.
-        fp32_residual: carry the residual stream between blocks in fp32 while matmuls, attention and adapters run in
-            the bf16/fp16 compute dtype (no effect in fp32): the plain stack's numerics without its fp32 weights.
-            See :func:`lit_llama_lab.fast.keep_fp32_residual`.
+        fp32_activations: keep the hidden states between matmuls (residual stream, norms, MLP activations, each
+            adapter's sum with its frozen projection) in fp32 while matmuls and attention run in the bf16/fp16 compute
+            dtype (no effect in fp32): the plain stack's numerics without its fp32 weights.
+            See :func:`lit_llama_lab.fast.keep_fp32_activations`.
     """
 
     def __init__(
@@ -122,7 +123,7 @@ class QLoRAModule(L.LightningModule):
         cuda_graphs: bool = True,
         graph_pad_multiple: int = 128,
         quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto",
-        fp32_residual: bool = True,
+        fp32_activations: bool = True,
     ) -> None:
         super().__init__()
         self.lora = lora or LoraArgs()
@@ -157,8 +158,8 @@ class QLoRAModule(L.LightningModule):
             quant_storage=resolve_quant_storage(self.hparams.quant_storage, compute_dtype, sharded=is_fsdp(strategy)),
         )
         base.config.use_cache = False
-        if self.hparams.fp32_residual:
-            keep_fp32_residual(base)
+        if self.hparams.fp32_activations:
+            keep_fp32_activations(base)
         if self.hparams.gradient_checkpointing:
             # Checkpointing saves the RNG state to replay dropout, which a CUDA graph capture cannot do; without
             # dropout there is nothing to replay. With dropout, training runs eagerly.

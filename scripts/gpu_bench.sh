@@ -4,7 +4,7 @@
 # variant, and summary.md (all variants against the baselines of the `main` run). Each variant runs in its own
 # process with a timeout, so one failure or hang loses only itself; the whole script stays under BUDGET seconds.
 #   STAGE=speed  the Llama-3.2-1B shape, speed and memory only (random weights: needs no SmolLM2 weights)
-#   STAGE=speed3 the 1B shape: the fp32 residual stream (now the default) against bf16 (+bf16res), graphed and compiled
+#   STAGE=speed3 the 1B shape: fp32 activations (now the default) against bf16 (+bf16act), graphed and compiled
 #   STAGE=loss   the 50-step loss check on real emoji chats with SmolLM2 (needs the embedded model)
 set -u
 OUT=${OUT:?set OUT to the output folder}
@@ -43,12 +43,12 @@ elif [ "$STAGE" = speed2 ]; then   # the fastest eager-compiled paths, and a rep
   run compile        150 "${ONE_B[@]}" --real_data false --paths ours+varlen+compile
   run compile_graphs 150 "${ONE_B[@]}" --real_data false --paths ours+varlen+compile+graphs
 elif [ "$STAGE" = speed3 ]; then
-  run main           200 "${ONE_B[@]}" --real_data false --paths baseline,ours+varlen+graphs,ours+varlen+graphs+bf16res
+  run main           200 "${ONE_B[@]}" --real_data false --paths baseline,ours+varlen+graphs,ours+varlen+graphs+bf16act
   run old_chunk      100 "${ONE_B[@]}" --real_data false --paths ours+varlen+graphs --ce_chunk 1046
   run compile        150 "${ONE_B[@]}" --real_data false --paths ours+varlen+compile
 else  # the loss check trains SmolLM2 on emoji chats; its speed part runs the SmolLM2 shape (cheap to load)
   run loss    300 --shape smollm2-135m --seq_len 2048 --micro_batch 4 --rank 16 --doc_len 512 --steps 5 --warmup 2 \
-    --paths ${LOSS_PATHS:-baseline,baseline+amp,ours+varlen+graphs,ours+varlen+graphs+bf16res} --loss_steps 50
+    --paths ${LOSS_PATHS:-baseline,baseline+amp,ours+varlen+graphs,ours+varlen+graphs+bf16act} --loss_steps 50
 fi
 
 "$PY" - "$OUT" > "$OUT/summary.md" 2>>"$OUT/summary.log" <<'PY'

@@ -153,6 +153,17 @@ def test_last_is_a_hard_link_to_the_top_k_checkpoint_of_the_same_step(tmp_path, 
     assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]
 
 
+def test_last_is_the_final_state_when_the_score_stops_improving(tmp_path, chat_file):
+    # mode="max" on a falling val_loss: only the first epoch ever makes the top 1
+    ckpt = AdapterCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=1, monitor="val_loss", mode="max")
+    trainer = make_trainer(tmp_path, [ckpt], max_epochs=3, limit_train_batches=3)
+    trainer.fit(make_model(), make_data(chat_file))
+    folder = tmp_path / "ckpt"
+    assert [p.name for p in folder.glob("epoch=*.ckpt")] == ["epoch=0-step=3.ckpt"]
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 9
+    assert json.loads((folder / "last" / "lit_llama_lab.json").read_text())["global_step"] == 9
+
+
 class Poisoned(QLoRAModule):
     """The real module, whose real loss is multiplied by ``factor`` from optimizer step ``after`` on."""
 
