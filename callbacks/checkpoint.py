@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from weakref import proxy
@@ -19,11 +20,16 @@ from weakref import proxy
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning_utilities.core.apply_func import apply_to_collection
 
 from lit_llama_lab.fsdp import gather_adapter_state_dict
 from lit_llama_lab.models import ADAPTER_METADATA
 
 log = logging.getLogger(__name__)
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu", copy=True)
 
 
 def _partial_name(path: Path) -> Path:
@@ -46,14 +52,14 @@ def replace_folder(source: Path, target: Path) -> None:
 def write_peft_files(peft_model, adapter: dict[str, torch.Tensor], folder: Path) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``folder``, as peft's save_pretrained does.
 
-    ``adapter`` is keyed as the QLoRAModule's state dict (``model.base_model…lora_A.default.weight``). peft's own
+    ``peft_model``: the peft model, or its adapter config. ``adapter`` is keyed as the QLoRAModule's state dict (``model.base_model…lora_A.default.weight``). peft's own
     save_pretrained cannot be used under FSDP: it reads the adapter key prefixes from the module tree, whose names
     then hold FSDP wrapper prefixes that the gathered state dict has not.
     """
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
     from safetensors.torch import save_file
 
-    config = copy.deepcopy(peft_model.peft_config["default"])
+    config = copy.deepcopy(peft_model.peft_config["default"] if hasattr(peft_model, "peft_config") else peft_model)
     tuner = PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type]
     state = {tuner._remove_adapter_name_from_key(name.removeprefix("model."), "default"): value.contiguous()
              for name, value in adapter.items()}
@@ -72,12 +78,13 @@ class AdapterCheckpoint(ModelCheckpoint):
     (base model, quantization, step, epoch, monitor, score, run), loadable by
     ``lit_llama_lab.models.load_for_inference`` or plain peft.
 
-    When ``last`` is saved at the step a top-k checkpoint was just written (each epoch end whose score made the top
-    k), it is hard-linked to that one's files rather than written again.
-
     Without ``dirpath`` checkpoints go to ``<logger save_dir>/<logger name>/checkpoints``, shared by all versions of
     that run name, so ``--ckpt_path last`` finds the newest ``last.ckpt`` of the previous attempt.
     No checkpoint is written once a DivergenceGuard has tripped, so ``last`` stays the last good one.
+    ``async_write`` (one process only): the state is copied to host memory at the save point and written to disk by
+    a background thread while training goes on, in order (removals of old checkpoints queue behind the writes);
+    the run waits for the writes when training ends or fails. Each write stays atomic, so a crash loses only the
+    queued writes, never an earlier checkpoint.
     Other arguments are ModelCheckpoint's.
     """
 
@@ -91,6 +98,7 @@ class AdapterCheckpoint(ModelCheckpoint):
         save_last: bool = True,
         every_n_train_steps: int | None = None,
         every_n_epochs: int = 1,
+        async_write: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -106,6 +114,9 @@ class AdapterCheckpoint(ModelCheckpoint):
         )
         # ModelCheckpoint takes steps or epochs; both triggers work side by side, so set the epoch one after it.
         self._every_n_epochs = every_n_epochs
+        self.async_write = async_write
+        self._writer: ThreadPoolExecutor | None = None
+        self._jobs: list[Future] = []
 
     def resolve_dir(self, trainer: L.Trainer) -> str:
         """The checkpoint folder: ``dirpath`` or ``<save_dir>/<name>/checkpoints`` of the first logger."""
@@ -159,45 +170,70 @@ class AdapterCheckpoint(ModelCheckpoint):
                 and not self._should_skip_saving_checkpoint(trainer)):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
-    def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict) -> None:
-        # when a top-k checkpoint of this very step was just written, `last` is the same bytes: hard-link it
-        same_step = self._last_global_step_saved == trainer.global_step and self._last_checkpoint_saved
-        self._link_source = self._last_checkpoint_saved if same_step else None
-        try:
-            super()._save_last_checkpoint(trainer, monitor_candidates)
-        finally:
-            self._link_source = None
+    def _background(self, trainer: L.Trainer) -> bool:
+        return self.async_write and trainer.world_size == 1
 
-    def _link_saved(self, source: Path, target: Path) -> bool:
-        """Make ``target`` (+ its adapter folder) hard links to the files of ``source``, saved at the same step,
-        instead of serializing the same state again. Atomic like a write; False where links are not possible."""
-        try:
-            partial, folder_partial = _partial_name(target), _partial_name(target.with_suffix(""))
-            shutil.rmtree(folder_partial, ignore_errors=True)
-            shutil.copytree(source.with_suffix(""), folder_partial, copy_function=os.link)
-            partial.unlink(missing_ok=True)
-            os.link(source, partial)
-        except OSError as error:  # a file system without hard links: write the checkpoint instead
-            log.debug("Cannot hard-link %s to %s (%s); writing it.", source, target, error)
-            return False
-        replace_folder(folder_partial, target.with_suffix(""))
-        os.replace(partial, target)
-        return True
+    def _run(self, trainer: L.Trainer, job) -> None:
+        """Run ``job`` now, or queue it on the writer thread (in order) when writing in the background."""
+        if not self._background(trainer):
+            job()
+            return
+        self.raise_write_errors()
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-checkpoint")
+        self._jobs.append(self._writer.submit(job))
+
+    def raise_write_errors(self) -> None:
+        """Re-raise the first error of a finished background write (a full disk, say) in the training thread."""
+        for job in [j for j in self._jobs if j.done()]:
+            self._jobs.remove(job)
+            job.result()
+
+    def wait_for_writes(self) -> None:
+        """Block until every queued checkpoint write and removal is on disk; re-raise the first error."""
+        jobs, self._jobs = self._jobs, []
+        for job in jobs:
+            job.result()
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         target = Path(filepath)
-        source = getattr(self, "_link_source", None)
-        if (source and trainer.world_size == 1 and Path(source) != target and Path(source).is_file()
-                and self._link_saved(Path(source), target)):
-            self._after_save(trainer, filepath)
-            return
         partial = _partial_name(target)
         adapter = gather_adapter_state_dict(trainer.lightning_module)  # collective under FSDP
-        trainer.save_checkpoint(partial, self.save_weights_only)  # collective: every rank calls, rank 0 writes
-        if trainer.is_global_zero:
-            self.write_adapter_folder(trainer, target.with_suffix(""), adapter)
+        if not self._background(trainer):
+            trainer.save_checkpoint(partial, self.save_weights_only)  # collective: every rank calls, rank 0 writes
+            if trainer.is_global_zero:
+                self.write_adapter_folder(trainer, target.with_suffix(""), adapter)
+                os.replace(partial, target)
+            self._after_save(trainer, filepath)
+            return
+        # a snapshot in host memory (the copy waits for the GPU once); the thread only serializes and renames
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(self.save_weights_only)
+        checkpoint = copy.deepcopy(apply_to_collection(checkpoint, torch.Tensor, _to_host))
+        write_folder = self._folder_writer(trainer, target.with_suffix(""), apply_to_collection(adapter, torch.Tensor, _to_host))
+        io = trainer.strategy.checkpoint_io
+
+        def write() -> None:
+            io.save_checkpoint(checkpoint, partial)
+            write_folder()
             os.replace(partial, target)
+
+        self._run(trainer, write)
         self._after_save(trainer, filepath)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self.wait_for_writes()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        jobs, self._jobs = self._jobs, []
+        for job in jobs:  # the checkpoints before the failure still reach the disk; the first error is the one raised
+            job.exception()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.wait_for_writes()
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
 
     def _after_save(self, trainer: L.Trainer, filepath: str) -> None:
         # ModelCheckpoint._save_checkpoint's bookkeeping (lightning 2.6), for the final name
@@ -229,15 +265,27 @@ class AdapterCheckpoint(ModelCheckpoint):
         needed under FSDP, where the model holds shards); default: the model's own parameters.
         """
         module = trainer.lightning_module
-        adapter = gather_adapter_state_dict(module) if adapter is None else adapter
-        partial = _partial_name(folder)
-        shutil.rmtree(partial, ignore_errors=True)
-        write_peft_files(module.model, adapter, partial)
-        (partial / ADAPTER_METADATA).write_text(json.dumps(self.adapter_metadata(trainer), indent=2))
-        replace_folder(partial, folder)
+        self._folder_writer(trainer, folder, gather_adapter_state_dict(module) if adapter is None else adapter)()
+
+    def _folder_writer(self, trainer: L.Trainer, folder: Path, adapter: dict):
+        """A function that writes the adapter folder: config and metadata are taken now, the disk work when called."""
+        config = copy.deepcopy(trainer.lightning_module.model.peft_config["default"])
+        metadata = json.dumps(self.adapter_metadata(trainer), indent=2)
+
+        def write() -> None:
+            partial = _partial_name(folder)
+            shutil.rmtree(partial, ignore_errors=True)
+            write_peft_files(config, adapter, partial)
+            (partial / ADAPTER_METADATA).write_text(metadata)
+            replace_folder(partial, folder)
+
+        return write
 
     def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        super()._remove_checkpoint(trainer, filepath)
-        folder = Path(filepath).with_suffix("")
-        if trainer.is_global_zero and (folder / "adapter_config.json").is_file():
-            shutil.rmtree(folder)
+        def remove() -> None:
+            super(AdapterCheckpoint, self)._remove_checkpoint(trainer, filepath)
+            folder = Path(filepath).with_suffix("")
+            if trainer.is_global_zero and (folder / "adapter_config.json").is_file():
+                shutil.rmtree(folder)
+
+        self._run(trainer, remove)

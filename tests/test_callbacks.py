@@ -136,23 +136,6 @@ def test_adapter_checkpoint_files_and_loading(tmp_path, chat_file):
         assert len(match) == 1 and torch.equal(match[0], value), key
 
 
-def test_last_is_a_hard_link_to_the_top_k_checkpoint_of_the_same_step(tmp_path, chat_file):
-    ckpt = AdapterCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=-1, monitor="val_loss")
-    trainer = make_trainer(tmp_path, [ckpt], max_epochs=2, limit_train_batches=3)
-    trainer.fit(make_model(), make_data(chat_file))
-    folder = tmp_path / "ckpt"
-    epochs = sorted(folder.glob("epoch=*.ckpt"))
-    assert [p.name for p in epochs] == ["epoch=0-step=3.ckpt", "epoch=1-step=6.ckpt"]
-    last, newest = folder / "last.ckpt", epochs[-1]
-    assert last.stat().st_ino == newest.stat().st_ino != epochs[0].stat().st_ino  # one write for both names
-    weights = "adapter_model.safetensors"
-    assert (folder / "last" / weights).stat().st_ino == (newest.with_suffix("") / weights).stat().st_ino
-    # replacing `last` at epoch 1 left epoch 0's files (once linked as `last`) whole
-    assert torch.load(epochs[0], weights_only=True)["global_step"] == 3
-    assert torch.load(last, weights_only=True)["global_step"] == 6
-    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]
-
-
 def test_last_is_the_final_state_when_the_score_stops_improving(tmp_path, chat_file):
     # mode="max" on a falling val_loss: only the first epoch ever makes the top 1
     ckpt = AdapterCheckpoint(dirpath=tmp_path / "ckpt", save_top_k=1, monitor="val_loss", mode="max")
@@ -162,6 +145,30 @@ def test_last_is_the_final_state_when_the_score_stops_improving(tmp_path, chat_f
     assert [p.name for p in folder.glob("epoch=*.ckpt")] == ["epoch=0-step=3.ckpt"]
     assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 9
     assert json.loads((folder / "last" / "lit_llama_lab.json").read_text())["global_step"] == 9
+
+
+def test_checkpoints_are_written_by_a_background_thread_whose_errors_reach_the_run(tmp_path, chat_file):
+    import threading
+
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    class FullDiskAtSecond(TorchCheckpointIO):
+        threads: list[str] = []
+
+        def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+            self.threads.append(threading.current_thread().name)
+            if len(self.threads) == 2:
+                raise OSError(28, "No space left on device")
+            super().save_checkpoint(checkpoint, path, storage_options)
+
+    ckpt = AdapterCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=2, monitor=None, save_top_k=-1,
+                             save_last=False)
+    trainer = make_trainer(tmp_path, [ckpt], max_steps=8, limit_val_batches=0, plugins=[FullDiskAtSecond()])
+    with pytest.raises(OSError, match="No space left"):
+        trainer.fit(make_model(), make_data(chat_file))
+    assert FullDiskAtSecond.threads[0].startswith("adapter-checkpoint")  # not the training thread
+    assert torch.load(tmp_path / "ckpt" / "epoch=0-step=2.ckpt", weights_only=True)["global_step"] == 2
+    assert not (tmp_path / "ckpt" / "epoch=0-step=4.ckpt").exists()  # the failed write never got the name
 
 
 class Poisoned(QLoRAModule):
