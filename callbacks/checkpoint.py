@@ -52,9 +52,10 @@ def replace_folder(source: Path, target: Path) -> None:
 def write_peft_files(peft_model, adapter: dict[str, torch.Tensor], folder: Path) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``folder``, as peft's save_pretrained does.
 
-    ``peft_model``: the peft model, or its adapter config. ``adapter`` is keyed as the QLoRAModule's state dict (``model.base_model…lora_A.default.weight``). peft's own
-    save_pretrained cannot be used under FSDP: it reads the adapter key prefixes from the module tree, whose names
-    then hold FSDP wrapper prefixes that the gathered state dict has not.
+    ``peft_model``: the peft model, or its adapter config. ``adapter`` is keyed as the QLoRAModule's state dict
+    (``model.base_model…lora_A.default.weight``). peft's own save_pretrained cannot be used under FSDP: it reads the
+    adapter key prefixes from the module tree, whose names then hold FSDP wrapper prefixes that the gathered state
+    dict has not.
     """
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
     from safetensors.torch import save_file
@@ -209,7 +210,8 @@ class AdapterCheckpoint(ModelCheckpoint):
         # a snapshot in host memory (the copy waits for the GPU once); the thread only serializes and renames
         checkpoint = trainer._checkpoint_connector.dump_checkpoint(self.save_weights_only)
         checkpoint = copy.deepcopy(apply_to_collection(checkpoint, torch.Tensor, _to_host))
-        write_folder = self._folder_writer(trainer, target.with_suffix(""), apply_to_collection(adapter, torch.Tensor, _to_host))
+        adapter = apply_to_collection(adapter, torch.Tensor, _to_host)
+        write_folder = self._folder_writer(trainer, target.with_suffix(""), adapter)
         io = trainer.strategy.checkpoint_io
 
         def write() -> None:

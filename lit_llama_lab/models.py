@@ -361,9 +361,9 @@ def load_for_inference(
     (:func:`lit_llama_lab.fast.keep_fp32_activations`).
     Returns ``(model, tokenizer)`` in eval mode.
     """
-    from lit_llama_lab.fast import keep_fp32_activations
-
     import json
+
+    from lit_llama_lab.fast import keep_fp32_activations
 
     dtype = resolve_compute_dtype(compute_dtype)
     if is_adapter_folder(name_or_path):
