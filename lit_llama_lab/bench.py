@@ -120,8 +120,8 @@ def build_baseline(name: str, rank: int, checkpointing: bool, device: torch.devi
 def build_ours(name: str, rank: int, checkpointing: bool, device: torch.device, seed: int, attention: Attention = "sdpa",
                compile: bool = False, liger: bool = False, chunked_ce: bool = True, graphs: bool = False,
                fp32_activations: bool = True, ce_chunk: int = 0) -> tuple:
-    """Our path: no fp32 weight upcast (hidden states between matmuls in fp32 unless ``fp32_activations`` is off), chunked
-    loss (``ce_chunk`` rows a chunk, 0: auto), our packing mask or flex/varlen attention; ``graphs``: the forward
+    """Our path: no fp32 weight upcast (hidden states between matmuls in fp32 unless ``fp32_activations`` is off),
+    chunked loss (``ce_chunk`` rows a chunk, 0: auto), our packing mask or flex/varlen attention; ``graphs``: the forward
     and backward replayed from CUDA graphs (rows padded to multiples of 128 tokens), as training does on a GPU."""
     base, tokenizer = load_base_model(name, "nf4", resolve_compute_dtype("auto"), device, "sdpa")
     torch.manual_seed(seed)
@@ -185,8 +185,8 @@ def step_flops(config, tokens: int, doc_len: int, lora_params: int) -> float:
 
 def path_options(path: str, defaults: dict) -> tuple[Callable, dict]:
     """``baseline`` (``+amp``) or ``ours`` plus ``+modifiers`` (sdpa, flex, varlen, compile, liger, graphs, fullce,
-    bf16act: hidden states in bf16) -> builder, options. ``amp`` (bf16 autocast on a GPU) is on for ``ours`` and off for ``baseline``, the issue's
-    recipe as written."""
+    bf16act: hidden states in bf16) -> builder, options. ``amp`` (bf16 autocast on a GPU) is on for ``ours`` and
+    off for ``baseline``, the issue's recipe as written."""
     name, *mods = path.strip().split("+")
     if name == "baseline" and mods in ([], ["amp"]):
         return build_baseline, {"amp": mods == ["amp"]}

@@ -78,13 +78,18 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     return LinearCrossEntropy.apply(hidden, weight, targets, chunk)
 
 
+def unwrap_peft(model):
+    """The causal LM under a peft wrapper (the model itself when there is none)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def final_hidden(model, batch: dict, decoder_keys: tuple[str, ...] = DECODER_KEYS) -> tuple:
     """Run the decoder (no vocabulary projection) on ``batch``: ``(causal_lm, hidden [batch, seq, d])``.
 
     ``decoder_keys`` present in ``batch`` go to the decoder; ``causal_lm`` is the model under any peft wrapper (its
     ``get_output_embeddings`` is the vocabulary projection).
     """
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm = unwrap_peft(model)
     extra = {k: batch[k] for k in decoder_keys if k in batch}
     return causal_lm, causal_lm.get_decoder()(input_ids=batch["input_ids"], use_cache=False, **extra).last_hidden_state
 
@@ -117,7 +122,7 @@ def keep_fp32_activations(model) -> bool:
 
     With a bf16 model every projection's output is rounded to bf16, and with it the sum of the frozen output and
     the adapter's small update, so much of the update is lost in the forward pass while its gradient is not:
-    50 steps of SmolLM2 on emoji chats ended 1.2% above the plain stack's held-out loss. Here:
+    50 steps of SmolLM2 on emoji chats ended 1.6% above the plain stack's held-out loss (+0.4% with this). Here:
 
     - the embedding output is cast to fp32, so the residual stream, the norms, the MLP's gate, up and activation
       and each adapter's sum with its frozen projection stay fp32 (bitsandbytes casts each 4-bit layer's input to
@@ -131,7 +136,7 @@ def keep_fp32_activations(model) -> bool:
     Returns False (nothing to do) when the model computes in fp32. Hooks only: weights are untouched, so the model
     saves, merges and exports as before. Works before or after peft wraps the projections.
     """
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm = unwrap_peft(model)
     decoder = causal_lm.get_decoder()
     compute = decoder.embed_tokens.weight.dtype
     if compute == torch.float32 or getattr(decoder, "_fp32_activations", False):
@@ -245,7 +250,7 @@ def compile_decoder_layers(model) -> int:
 
     Returns the number of layers compiled. The compiled loss must be checked against eager: see the benchmark.
     """
-    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal_lm = unwrap_peft(model)
     layers = causal_lm.get_decoder().layers
     for layer in layers:
         layer.compile()
@@ -258,9 +263,8 @@ def fast_peft_model(base, lora_config, gradient_checkpointing: bool = True, atte
     """Our training setup of a loaded (4-bit) base: adapters from ``lora_config`` without peft's
     ``prepare_model_for_kbit_training`` (its fp32 upcast of embeddings, lm_head and norms costs time and memory;
     ``fp32_activations`` keeps the hidden states between matmuls in fp32 without it, see
-    :func:`keep_fp32_activations`), non-reentrant
-    checkpointing, the chosen attention, optional Liger kernels and compiled decoder layers. Seed torch before
-    calling for a reproducible adapter init.
+    :func:`keep_fp32_activations`), non-reentrant checkpointing, the chosen attention, optional Liger kernels and
+    compiled decoder layers. Seed torch before calling for a reproducible adapter init.
     ``preserve_rng_state=False`` lets checkpointing run inside a CUDA graph capture (safe without dropout).
     """
     from peft import get_peft_model
