@@ -39,7 +39,8 @@ def generate(
     """Answer each chat; greedy when ``temperature`` is 0. Batched with left padding, stops at eos.
 
     ``streamer`` (e.g. transformers' ``TextIteratorStreamer``) receives tokens as they come; it needs a single
-    chat. The model's training/eval mode is restored afterwards.
+    chat. The model's training/eval mode is restored afterwards. Runs eagerly even when training compiled the
+    decoder layers: a growing KV cache would recompile them at every new length.
     """
     if streamer is not None and len(chats) != 1:
         raise ValueError("Streaming needs exactly one chat.")
@@ -50,29 +51,30 @@ def generate(
     model.eval()
     results: list[Generation] = []
     try:
-        for start in range(0, len(chats), batch_size):
-            prompts = [chat_prompt_ids(tokenizer, chat) for chat in chats[start:start + batch_size]]
-            width = max(map(len, prompts))
-            input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-            attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-            sampling = temperature > 0
-            output = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=sampling,
-                temperature=temperature if sampling else None,
-                min_p=min_p if sampling else None,
-                top_p=None,
-                top_k=None,
-                eos_token_id=eos,
-                pad_token_id=pad,
-                streamer=streamer,
-            )
-            for row in output[:, width:].tolist():
-                stopped = eos in row
-                new = row[: row.index(eos)] if stopped else row
-                results.append(Generation(tokenizer.decode(new, skip_special_tokens=True).strip(), new, stopped))
+        with torch.compiler.set_stance("force_eager"):
+            for start in range(0, len(chats), batch_size):
+                prompts = [chat_prompt_ids(tokenizer, chat) for chat in chats[start:start + batch_size]]
+                width = max(map(len, prompts))
+                input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+                attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+                sampling = temperature > 0
+                output = model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=sampling,
+                    temperature=temperature if sampling else None,
+                    min_p=min_p if sampling else None,
+                    top_p=None,
+                    top_k=None,
+                    eos_token_id=eos,
+                    pad_token_id=pad,
+                    streamer=streamer,
+                )
+                for row in output[:, width:].tolist():
+                    stopped = eos in row
+                    new = row[: row.index(eos)] if stopped else row
+                    results.append(Generation(tokenizer.decode(new, skip_special_tokens=True).strip(), new, stopped))
     finally:
         model.train(was_training)
     return results

@@ -18,7 +18,13 @@ from torchmetrics.text import Perplexity
 
 from lit_llama_lab.data.masking import IGNORE_INDEX, labelled_next_tokens
 from lit_llama_lab.data.packing import pad_packed_batch
-from lit_llama_lab.fast import fast_label_loss, final_hidden, keep_fp32_activations
+from lit_llama_lab.fast import (
+    checkpoint_kwargs,
+    compile_decoder_layers,
+    fast_label_loss,
+    final_hidden,
+    keep_fp32_activations,
+)
 from lit_llama_lab.fsdp import check_strategy, clean_name, is_fsdp, wrap_for_fsdp
 from lit_llama_lab.graphs import GraphedLoss
 from lit_llama_lab.models import load_base_model, resolve_compute_dtype, resolve_quant_storage
@@ -108,6 +114,12 @@ class QLoRAModule(L.LightningModule):
             adapter's sum with its frozen projection) in fp32 while matmuls and attention run in the bf16/fp16 compute
             dtype (no effect in fp32): the plain stack's numerics without its fp32 weights.
             See :func:`lit_llama_lab.fast.keep_fp32_activations`.
+        compile: ``torch.compile`` each decoder layer (with gradient checkpointing the compiled layer is recomputed
+            whole in backward: :func:`lit_llama_lab.fast.checkpoint_kwargs`). ``auto``: on when training on one CUDA
+            GPU a model of hidden size >= 1024 (Llama-3.2-1B and up), where the step's arithmetic is worth fusing
+            and tens of seconds of compilation pay for themselves; off for small models such as SmolLM2-135M, whose
+            steps CUDA graphs already make cheap, on CPUs, and under DDP/FSDP. ``true`` / ``false`` force it
+            (``true`` is refused under FSDP).
     """
 
     def __init__(
@@ -124,6 +136,7 @@ class QLoRAModule(L.LightningModule):
         graph_pad_multiple: int = 128,
         quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto",
         fp32_activations: bool = True,
+        compile: bool | Literal["auto"] = "auto",
     ) -> None:
         super().__init__()
         self.lora = lora or LoraArgs()
@@ -158,6 +171,7 @@ class QLoRAModule(L.LightningModule):
             quant_storage=resolve_quant_storage(self.hparams.quant_storage, compute_dtype, sharded=is_fsdp(strategy)),
         )
         base.config.use_cache = False
+        compiled = self.use_compile(base, strategy)
         if self.hparams.fp32_activations:
             keep_fp32_activations(base)
         if self.hparams.gradient_checkpointing:
@@ -166,14 +180,29 @@ class QLoRAModule(L.LightningModule):
             if self.hparams.cuda_graphs and self.lora.dropout > 0:
                 log.warning("cuda_graphs is off: gradient checkpointing with LoRA dropout > 0 cannot be captured.")
                 self.hparams.cuda_graphs = False
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
-                "use_reentrant": False, "preserve_rng_state": not self.hparams.cuda_graphs})
+            base.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=checkpoint_kwargs(compiled, preserve_rng_state=not self.hparams.cuda_graphs))
         self.model = get_peft_model(base, self.lora.peft_config())
+        if compiled:
+            compile_decoder_layers(self.model)
         # from_pretrained returns the model in eval mode and Lightning set this module's mode before the model
         # existed: without this, dropout and gradient checkpointing (both need .training) would be off in training
         self.model.train(self.training)
         if is_fsdp(strategy):
             wrap_for_fsdp(self.model, strategy.root_device)
+
+    def use_compile(self, base, strategy) -> bool:
+        """Whether to compile the decoder layers (the ``compile`` setting resolved; see the class docstring)."""
+        setting = self.hparams.compile
+        if setting not in (True, False, "auto"):
+            raise ValueError(f"compile={setting!r}: use true, false or auto.")
+        if setting is True and is_fsdp(strategy):
+            raise ValueError("compile=true is not supported under FSDP here (compiled layers inside FSDP units); "
+                             "use --model.compile false.")
+        if setting != "auto":
+            return setting
+        on_gpu = next(base.parameters()).is_cuda
+        return on_gpu and self.trainer_world_size() == 1 and base.config.hidden_size >= 1024
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """The trainable (adapter) parameters, keyed as in this module's single-device state dict.

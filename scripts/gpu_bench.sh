@@ -5,6 +5,7 @@
 # process with a timeout, so one failure or hang loses only itself; the whole script stays under BUDGET seconds.
 #   STAGE=speed  the Llama-3.2-1B shape, speed and memory only (random weights: needs no SmolLM2 weights)
 #   STAGE=speed3 the 1B shape: fp32 activations (now the default) against bf16 (+bf16act), graphed and compiled
+#   STAGE=speed4 the 1B shape: the compiled paths (now recomputed whole under checkpointing) against the graphed one
 #   STAGE=loss   the 50-step loss check on real emoji chats with SmolLM2 (needs the embedded model)
 set -u
 OUT=${OUT:?set OUT to the output folder}
@@ -46,6 +47,9 @@ elif [ "$STAGE" = speed3 ]; then
   run main           200 "${ONE_B[@]}" --real_data false --paths baseline,ours+varlen+graphs,ours+varlen+graphs+bf16act
   run old_chunk      100 "${ONE_B[@]}" --real_data false --paths ours+varlen+graphs --ce_chunk 1046
   run compile        150 "${ONE_B[@]}" --real_data false --paths ours+varlen+compile
+elif [ "$STAGE" = speed4 ]; then  # compiled layers recomputed whole under checkpointing (checkpoint_kwargs)
+  run main    260 "${ONE_B[@]}" --real_data false --paths baseline,baseline+amp,ours+varlen+graphs,ours+graphs+compile
+  run compile 200 "${ONE_B[@]}" --real_data false --paths ours+varlen+compile,ours+varlen+compile+graphs
 else  # the loss check trains SmolLM2 on emoji chats; its speed part runs the SmolLM2 shape (cheap to load)
   run loss    300 --shape smollm2-135m --seq_len 2048 --micro_batch 4 --rank 16 --doc_len 512 --steps 5 --warmup 2 \
     --paths ${LOSS_PATHS:-baseline,baseline+amp,ours+varlen+graphs,ours+varlen+graphs+bf16act} --loss_steps 50
