@@ -34,6 +34,7 @@ Shape = Literal["llama-3.2-1b", "smollm2-135m", "tiny"]
 LLAMA_32_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                    intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
                    max_position_embeddings=8192, rms_norm_eps=1e-5)
+GPU_PATHS = "baseline,baseline+amp,ours+graphs+compile,ours+varlen+compile+graphs"
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 spec sheets
 
 
@@ -304,7 +305,7 @@ def bench(
     doc_len: int = 512,
     gradient_checkpointing: bool = True,
     device: str = "auto",
-    paths: str = "baseline,ours",
+    paths: str = "auto",
     loss_steps: int = 50,
     real_data: bool = True,
     loss_model: str = "auto",
@@ -333,7 +334,9 @@ def bench(
         gradient_checkpointing: recompute activations in backward (both paths).
         device: ``auto`` (CUDA when present), ``cuda`` or ``cpu``. bf16 compute on GPU, fp32 on CPU.
         paths: comma-separated: baseline (the issue's recipe: no autocast), baseline+amp (bf16 autocast), ours, or
-            ours+modifiers (sdpa|flex|varlen, compile, liger, graphs, fullce).
+            ours+modifiers (sdpa|flex|varlen, compile, liger, graphs, fullce, bf16act). ``auto``: on a GPU
+            baseline, baseline+amp, ours+graphs+compile (what training runs for a 1B model) and
+            ours+varlen+compile+graphs (the fastest); on a CPU baseline and ours.
         loss_steps: steps on real emoji chats before the held-out loss is compared (0 or real_data=False: skip).
         loss_model: model for the loss check; ``auto``: tiny-random for the tiny shape, else smollm2-135m.
         loss_batch: emoji chats per real-data step (packed into rows of 512 tokens).
@@ -360,6 +363,8 @@ def bench(
              "loss_model": ("tiny-random" if shape == "tiny" else "smollm2-135m") if loss_model == "auto" else loss_model}
     defaults = {"attention": attention, "compile": compile, "liger": liger, "chunked_ce": chunked_ce, "graphs": graphs,
                 "fp32_activations": fp32_activations, "ce_chunk": ce_chunk}
+    if paths == "auto":
+        paths = GPU_PATHS if dev.type == "cuda" else "baseline,ours"
     plans = {p.strip(): path_options(p, defaults) for p in paths.split(",") if p.strip()}
     from transformers import AutoConfig
 
