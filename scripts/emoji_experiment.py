@@ -83,8 +83,8 @@ def time_calls(timer: PhaseTimer, owner, name: str, key: str) -> None:
 def accuracy(model, tok, rows, wordings, batch_size=128):
     chats = [[{"role": "user", "content": wordings[i % len(wordings)].format(e=r["character"])}] for i, r in enumerate(rows)]
     answers = generate(model, tok, chats, max_new_tokens=40, batch_size=batch_size)
-    hits = [r["short description"].lower() in a.text.lower() for r, a in zip(rows, answers)]
-    shown = {r["character"]: a.text for r, a in zip(rows, answers) if r["character"] in "🐼🇺🇸🎂🤌"}
+    hits = [r["short description"].lower() in a.text.lower() for r, a in zip(rows, answers, strict=True)]
+    shown = {r["character"]: a.text for r, a in zip(rows, answers, strict=True) if r["character"] in "🐼🇺🇸🎂🤌"}
     return {"n": len(rows), "name_acc": sum(hits) / len(rows), "eos": sum(a.stopped for a in answers) / len(rows),
             "mean_tokens": sum(len(a.token_ids) for a in answers) / len(rows), "examples": shown}
 
