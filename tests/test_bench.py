@@ -137,3 +137,19 @@ def test_bench_cpu_ours_and_baseline_give_the_same_loss(tmp_path, capsys):
     assert ours["tokens_per_s"] > 0 and ours["trainable_params"] == base["trainable_params"]
     assert json.loads(output.read_text())["paths"]["ours"]["held_out_loss"] == ours["held_out_loss"]
     assert "| ours |" in capsys.readouterr().out
+
+
+def test_isolated_bench_runs_each_path_in_its_own_process_with_the_same_results(tmp_path):
+    kwargs = dict(shape="tiny", seq_len=64, micro_batch=1, steps=1, warmup=1, doc_len=32, loss_steps=2, loss_batch=8,
+                  device="cpu", paths="baseline,ours,ours+nosuch")
+    with pytest.raises(ValueError, match="Unknown modifier 'nosuch'"):  # bad paths fail before any child starts
+        bench(**kwargs, isolate=True)
+    kwargs["paths"] = "baseline,ours"
+    isolated = bench(**kwargs, isolate=True, output=str(tmp_path / "isolated.json"))
+    together = bench(**kwargs)
+    assert isolated["settings"]["isolated"] == "True" and list(isolated["paths"]) == ["baseline", "ours"]
+    for path in ("baseline", "ours"):  # deterministic on CPU: a child process gives the in-process figures
+        assert isolated["paths"][path]["held_out_loss"] == pytest.approx(together["paths"][path]["held_out_loss"],
+                                                                          rel=1e-6)
+    assert json.loads((tmp_path / "isolated.json").read_text())["paths"]["ours"]["held_out_loss"] == \
+        isolated["paths"]["ours"]["held_out_loss"]
