@@ -30,7 +30,7 @@ from lit_llama_lab.models import (
 )
 from lit_llama_lab.module import LoraArgs, label_loss
 
-Shape = Literal["llama-3.2-1b", "smollm2-135m", "tiny"]
+Shape = Literal["auto", "llama-3.2-1b", "smollm2-135m", "tiny"]
 LLAMA_32_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                    intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
                    max_position_embeddings=8192, rms_norm_eps=1e-5)
@@ -296,7 +296,7 @@ def write_json(data: dict, output: str) -> None:
 
 
 def bench(
-    shape: Shape = "llama-3.2-1b",
+    shape: Shape = "auto",
     seq_len: int = 2048,
     micro_batch: int = 4,
     rank: int = 16,
@@ -325,7 +325,8 @@ def bench(
     """Benchmark QLoRA training steps: the plain transformers+peft+bitsandbytes stack against ours, in one process.
 
     Args:
-        shape: model shape with random (1B) or real weights: llama-3.2-1b, smollm2-135m, or tiny (CPU tests).
+        shape: model shape with random (1B) or real weights: llama-3.2-1b, smollm2-135m, or tiny (CPU tests);
+            ``auto``: llama-3.2-1b on a GPU, tiny on a CPU (a 1B step in fp32 on a CPU takes minutes).
         seq_len: tokens per row of the speed batch.
         micro_batch: rows per step.
         rank: LoRA rank (alpha = rank) on all seven projections.
@@ -360,6 +361,8 @@ def bench(
     """
     arguments = {k: v for k, v in locals().items()}
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    if shape == "auto":
+        shape = "llama-3.2-1b" if dev.type == "cuda" else "tiny"
     if dev.type == "cuda" and not peak_tflops:
         name = torch.cuda.get_device_name(dev)
         peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 0.0)

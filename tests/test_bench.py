@@ -126,8 +126,9 @@ def test_flops_formula_counts_frozen_linears_twice_in_backward():
 
 def test_bench_cpu_ours_and_baseline_give_the_same_loss(tmp_path, capsys):
     output = tmp_path / "bench.json"
-    results = bench(shape="tiny", seq_len=64, micro_batch=1, steps=1, warmup=1, doc_len=32, loss_steps=2,
+    results = bench(seq_len=64, micro_batch=1, steps=1, warmup=1, doc_len=32, loss_steps=2,
                     loss_batch=8, device="cpu", output=str(output))
+    assert results["settings"]["shape"] == "tiny"  # shape=auto on a CPU; paths=auto: baseline and ours
     base, ours = results["paths"]["baseline"], results["paths"]["ours"]
     assert "error" not in base and "error" not in ours, (base, ours)
     # the same 4-bit model, data and adapter init: the plain HF loss and ours agree after the same AdamW steps
