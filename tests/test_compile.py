@@ -54,6 +54,15 @@ def test_compile_auto_is_off_on_cpu_and_bad_values_are_refused():
         make_module(compile="yes")
 
 
+def test_compile_true_is_refused_under_fsdp():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lit_llama_lab.module import QLoRAModule
+
+    with pytest.raises(ValueError, match="not supported under FSDP"):
+        QLoRAModule(name_or_path="tiny-random", compile=True).use_compile(None, FSDPStrategy())
+
+
 def test_checkpoint_kwargs_add_the_policy_only_when_compiled():
     from torch.utils.checkpoint import CheckpointPolicy
 
