@@ -359,7 +359,7 @@ def bench(
 
     Returns the results dict; prints a Markdown table. The one surprising thing: MFU counts no recomputation.
     """
-    arguments = {k: v for k, v in locals().items()}
+    arguments = dict(locals())  # the parameters, for the child processes of isolate
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
     if shape == "auto":
         shape = "llama-3.2-1b" if dev.type == "cuda" else "tiny"
@@ -414,18 +414,17 @@ def _bench_isolated(arguments: dict, paths: list[str], output: str | None) -> di
         for i, path in enumerate(paths):
             child = {**arguments, "paths": path, "isolate": False, "output": str(Path(tmp) / f"{i}.json")}
             code = "import json, sys; from lit_llama_lab.bench import bench; bench(**json.loads(sys.argv[1]))"
-            lines: list[str] = []
+            last = "no output"
             with subprocess.Popen([sys.executable, "-c", code, json.dumps(child)], stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True) as run:
                 for line in run.stdout:  # the child's progress, as it comes
                     print(line, end="", flush=True)
-                    lines = (lines + [line.strip()])[-1:] if line.strip() else lines
+                    last = line.strip() or last
             if run.returncode == 0 and Path(child["output"]).is_file():
                 part = json.loads(Path(child["output"]).read_text())
                 results = results or {k: v for k, v in part.items() if k != "paths"} | {"paths": {}}
                 results["paths"].update(part["paths"])
             else:
-                last = lines[0] if lines else "no output"
                 results.setdefault("paths", {})[path] = {"error": f"process exited {run.returncode}: {last}"}
     results["settings"] = {**results.get("settings", {}), "isolated": "True"}
     print(format_table(results), flush=True)

@@ -258,7 +258,7 @@ def checkpoint_kwargs(compiled: bool = False, preserve_rng_state: bool = True) -
 
     Without that policy torch.compile (2.11) keeps what it considers costly to recompute in a checkpointed layer,
     bitsandbytes' 4-bit matmul outputs (a custom op) among them, for every layer until the backward pass: measured
-    at the 1B shape (micro-batch 4 x 2048), 7.5 GiB held after the forward instead of 2.3, a 8.8 GiB peak instead
+    at the 1B shape (micro-batch 4 x 2048), 7.5 GiB held after the forward instead of 2.3, an 8.8 GiB peak instead
     of 3.9. With the policy the compiled layer is recomputed whole, as the eager checkpoint does (``make bench``).
     In eager mode the policy would only add a dispatch hook to every op, so it is set for compiled layers only.
     """

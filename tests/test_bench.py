@@ -154,3 +154,7 @@ def test_isolated_bench_runs_each_path_in_its_own_process_with_the_same_results(
                                                                           rel=1e-6)
     assert json.loads((tmp_path / "isolated.json").read_text())["paths"]["ours"]["held_out_loss"] == \
         isolated["paths"]["ours"]["held_out_loss"]
+    # a child that dies becomes its path's error entry, with the child's last line
+    failed = bench(**{**kwargs, "paths": "ours"}, isolate=True, loss_model="no-such-model")
+    assert failed["paths"]["ours"]["error"].startswith("process exited 1:"), failed
+    assert "no-such-model" in failed["paths"]["ours"]["error"]

@@ -74,7 +74,7 @@ def test_checkpoint_kwargs_add_the_policy_only_when_compiled():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the GPU host runs it)")
-def test_compiled_checkpointing_keeps_no_more_than_eager_on_gpu():
+def test_compiled_checkpointing_keeps_no_more_than_eager_on_gpu(tmp_path):
     """What the forward keeps for backward, compiled vs eager, on a 4-bit model with a 1B-like layer (hidden 2048,
     MLP 8192). At the 1B shape without the must-recompute policy torch 2.11 kept every layer's 4-bit matmul outputs:
     6.3 GiB against eager's 1.1 (``scripts/gpu_memprobe.py``). The figures of all three runs are in the message."""
@@ -90,9 +90,9 @@ def test_compiled_checkpointing_keeps_no_more_than_eager_on_gpu():
     for compiled, policy in ((False, False), (True, True), (True, False)):
         torch.manual_seed(0)
         base = LlamaForCausalLM(config).to(torch.bfloat16)
-        base.save_pretrained("/tmp/lit-compile-test")
+        base.save_pretrained(tmp_path)
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-        base = LlamaForCausalLM.from_pretrained("/tmp/lit-compile-test", quantization_config=quant, device_map="cuda")
+        base = LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map="cuda")
         base.config.use_cache = False
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs(policy))
         model = get_peft_model(base, LoraArgs(r=16, alpha=16).peft_config())
