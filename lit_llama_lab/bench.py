@@ -66,6 +66,13 @@ def shape_model(shape: Shape, tokenizer: str = "smollm2-135m") -> str:
     return str(target)
 
 
+def model_vocab(name: str) -> int:
+    """The vocabulary size of a model :func:`load_base_model` accepts (read from its converted config)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(converted_folder(resolve_model_source(name))).vocab_size
+
+
 def synthetic_batch(vocab: int, micro_batch: int, seq_len: int, doc_len: int, device: torch.device) -> dict:
     """Random tokens, every position labelled, documents of ``doc_len`` tokens packed into each row."""
     from lit_llama_lab.data.packing import block_causal_mask
@@ -378,10 +385,7 @@ def bench(
         isolate = dev.type == "cuda" and len(plans) > 1
     if isolate:
         return _bench_isolated(arguments, list(plans), output)
-    from transformers import AutoConfig
-
-    vocab = AutoConfig.from_pretrained(converted_folder(resolve_model_source(setup["name"]))).vocab_size
-    batch = synthetic_batch(vocab, micro_batch, seq_len, doc_len, dev)
+    batch = synthetic_batch(model_vocab(setup["name"]), micro_batch, seq_len, doc_len, dev)
     real = emoji_batches(setup["loss_model"], loss_steps, dev, loss_batch) if real_data and loss_steps > 0 else None
     results = {"settings": {k: str(v) for k, v in {**setup, "shape": shape, "seq_len": seq_len, "micro_batch": micro_batch,
                "steps": steps, "warmup": warmup, "loss_steps": loss_steps if real else 0}.items()},

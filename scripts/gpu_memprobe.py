@@ -16,7 +16,7 @@ from collections import defaultdict
 
 import torch
 
-from lit_llama_lab.bench import path_options, shape_model, split_amp, synthetic_batch, train_steps
+from lit_llama_lab.bench import model_vocab, path_options, shape_model, split_amp, synthetic_batch, train_steps
 
 SKIP = ("torch/utils/_contextlib", "torch/nn/modules/module.py", "torch/_dynamo/", "torch/_compile.py",
         "torch/_tensor.py", "torch/autograd/function.py", "torch/_ops.py", "torch/_library/", "torch/utils/_python",
@@ -104,10 +104,7 @@ def main():
     name = shape_model(args.shape, args.tokenizer) if args.shape == "llama-3.2-1b" else shape_model(args.shape)
     builder, options = path_options(args.path, {})
     amp, options = split_amp(options)
-    from transformers import AutoConfig
-
-    vocab = AutoConfig.from_pretrained(name).vocab_size if os.path.isdir(name) else 49152
-    batch = synthetic_batch(vocab, args.micro_batch, args.seq_len, 512, device)
+    batch = synthetic_batch(model_vocab(name), args.micro_batch, args.seq_len, 512, device)
     t0 = time.perf_counter()
     model, loss_fn, prepare = builder(name, 16, not args.no_checkpointing, device, 0, **options)
     variant = os.environ.get("PROBE_VARIANT", "")
