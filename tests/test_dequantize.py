@@ -1,0 +1,85 @@
+"""``--model.dequantize_once``: 4-bit layers that run on a weight dequantized once train exactly like bitsandbytes'
+dequantize-at-every-use layers, and the checkpoints do not change."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lit_llama_lab.data.packing import pad_packed_batch
+from lit_llama_lab.fast import dequantized_bytes, four_bit_layers
+from tests.test_compile import train
+from tests.test_module import emoji_batch, make_module
+
+
+def test_dequantized_layers_train_exactly_like_bitsandbytes():
+    runs = {}
+    for once in (False, True):
+        torch.manual_seed(0)  # the same adapter init
+        module = make_module(dequantize_once=once, learning_rate=1e-2, compute_dtype="float32")
+        layers = four_bit_layers(module.model)
+        assert len(layers) == 14 and all((getattr(m, "_dequantized", None) is not None) == once for m in layers)
+        batch = emoji_batch(module.tokenizer, 8)
+        runs[once] = (train(module, batch, 3), module.adapter_state_dict(), module.state_dict())
+    (plain_losses, plain_weights, plain_state), (once_losses, once_weights, once_state) = runs[False], runs[True]
+    assert plain_losses[-1] != pytest.approx(plain_losses[0], rel=1e-4)  # the adapters trained
+    assert once_losses == pytest.approx(plain_losses, rel=1e-6)
+    for name, weight in plain_weights.items():
+        torch.testing.assert_close(once_weights[name], weight, rtol=1e-6, atol=1e-7)
+    # the cache is no part of the module's state: the same keys (4-bit weights and their quant state) as without
+    assert set(once_state) == set(plain_state) and not any("_dequantized" in k for k in once_state)
+
+
+def test_dequantized_bytes_counts_every_4bit_weight_in_the_compute_dtype():
+    module = make_module(compute_dtype="float32", dequantize_once=True)
+    layers = four_bit_layers(module.model)
+    cached = sum(m._dequantized.numel() * m._dequantized.element_size() for m in layers)
+    assert dequantized_bytes(module.model) == cached == sum(4 * m.in_features * m.out_features for m in layers) > 0
+    assert dequantized_bytes(make_module(quantize="none").model) == 0  # nothing to dequantize
+
+
+def test_dequantize_once_auto_is_off_on_cpu_and_bad_values_are_refused():
+    assert not any(hasattr(m, "_dequantized") for m in four_bit_layers(make_module().model))  # auto on a CPU
+    with pytest.raises(ValueError, match="dequantize_once='yes'"):
+        make_module(dequantize_once="yes")
+
+
+def test_dequantize_once_true_is_refused_under_fsdp():
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    from lit_llama_lab.module import QLoRAModule
+
+    with pytest.raises(ValueError, match="--model.dequantize_once false"):
+        QLoRAModule(name_or_path="tiny-random", dequantize_once=True).use_dequantize_once(None, FSDPStrategy())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (run on the GPU host)")
+def test_dequantized_layers_under_cuda_graphs_match_bitsandbytes_on_gpu():
+    """bf16 on a GPU, through the CUDA-graph training path: the same losses and adapter weights within bf16
+    rounding (cuBLAS may order a plain matmul's sums differently from bitsandbytes' 4-bit GEMM)."""
+
+    def run(once: bool) -> tuple[list[float], dict]:
+        torch.manual_seed(0)
+        module = make_module(quantize="nf4", compute_dtype="bfloat16", dequantize_once=once)
+        module.model.cuda()
+        assert all((getattr(m, "_dequantized", None) is not None) == once for m in four_bit_layers(module.model))
+        if once:
+            assert all(m._dequantized.is_cuda for m in four_bit_layers(module.model))  # moved with the module
+        optimizer = module.configure_optimizers()
+        losses = []
+        for n in (8, 16, 8):
+            batch = {k: v.cuda() for k, v in pad_packed_batch(emoji_batch(module.tokenizer, n), 128,
+                                                              module.tokenizer.pad_token_id).items()}
+            loss = module.training_loss(batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(float(loss))
+        assert module._graphed is not None and module._graphed.eager_calls == 0
+        return losses, module.adapter_state_dict()
+
+    plain_losses, plain_weights = run(False)
+    once_losses, once_weights = run(True)
+    assert once_losses == pytest.approx(plain_losses, rel=2e-3)
+    for name, weight in plain_weights.items():
+        torch.testing.assert_close(once_weights[name].float(), weight.float(), rtol=2e-2, atol=2e-4)
