@@ -1,9 +1,11 @@
-"""Where does a GPU training step's time go? The floor of the step (no Lightning), eager vs CUDA graphs, and the
-cost of the sample generations, on real batches of a config.
+"""Where does a GPU training step's time go? The floor of the step (no Lightning), eager vs CUDA graphs, a census of
+the kernels one step launches, and the cost of validation and of the sample generations, on real batches of a
+config; each for 4-bit layers dequantized at every use and once (``--model.dequantize_once``).
 
-    python scripts/gpu_profile.py --config configs/emoji.yaml
+    python scripts/gpu_profile.py --config configs/emoji.yaml [overrides...]
 """
 
+import collections
 import sys
 import time
 
@@ -13,48 +15,123 @@ from lit_llama_lab.cli import LabCLI
 from lit_llama_lab.data.datamodule import ChatDataModule
 from lit_llama_lab.fast import fast_label_loss
 from lit_llama_lab.generation import generate
-from lit_llama_lab.module import QLoRAModule
+from lit_llama_lab.module import QLoRAModule, label_loss
+
+FAMILIES = (("dequantize", ("dequant", "kgetabsmax")), ("4-bit gemm", ("gemm_4bit", "gemv_4bit")),
+            ("gemm", ("gemm", "cutlass", "sm90", "sm80", "xmma", "ampere", "hopper", "cublas")),
+            ("attention", ("fmha", "flash", "attention", "efficient")), ("adam", ("adam",)),
+            ("copy/cast", ("copy", "cast", "cat")), ("reduce", ("reduce", "norm")),
+            ("elementwise", ("elementwise",)))
 
 
-def steps_per_second(module, batches, optimizer, graphs: bool) -> float:
+CUDA = torch.cuda.is_available()
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def to_device(batch: dict) -> dict:
+    return {k: v.cuda() if CUDA and isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def step(module, batch, params, optimizer, graphs: bool) -> None:
+    loss = module.training_loss(batch) if graphs else fast_label_loss(module.model, batch)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def ms_per_step(module, batches, optimizer, graphs: bool) -> float:
     """ms per step (loss, backward, clip, AdamW) over ``batches``, one sync at the end only."""
     module.hparams.cuda_graphs = graphs
     params = [p for p in module.parameters() if p.requires_grad]
     for phase in ("warm", "timed"):
-        torch.cuda.synchronize()
+        sync()
         start = time.perf_counter()
         for batch in batches if phase == "timed" else batches[:6]:
-            loss = module.training_loss(batch) if graphs else fast_label_loss(module.model, batch)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+            step(module, batch, params, optimizer, graphs)
+        sync()
     return (time.perf_counter() - start) / len(batches) * 1000
 
 
+def kernel_census(module, batches, optimizer, steps: int = 3) -> None:
+    """Kernels of ``steps`` eager steps (the same kernels a graph replays), per step: count and GPU time by family
+    and the 12 busiest kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    with profile(activities=[ProfilerActivity.CUDA if CUDA else ProfilerActivity.CPU]) as prof:
+        for batch in batches[:steps]:
+            step(module, batch, params, optimizer, graphs=False)
+        sync()
+    kind = torch.autograd.DeviceType.CUDA if CUDA else torch.autograd.DeviceType.CPU
+    kernels = [e for e in prof.events() if e.device_type == kind]
+    by_name = collections.defaultdict(lambda: [0, 0.0])
+    for e in kernels:
+        by_name[e.name][0] += 1
+        by_name[e.name][1] += e.device_time if CUDA else e.cpu_time
+    family = collections.defaultdict(lambda: [0, 0.0])
+    for name, (n, us) in by_name.items():
+        low = name.lower()
+        key = next((f for f, words in FAMILIES if any(w in low for w in words)), "other")
+        family[key][0] += n
+        family[key][1] += us
+    total_n, total_us = sum(v[0] for v in family.values()), sum(v[1] for v in family.values())
+    print(f"  kernels per step: {total_n / steps:.0f}, GPU busy {total_us / steps / 1000:.1f} ms/step "
+          f"(mean {total_us / max(total_n, 1):.1f} us a kernel)")
+    for key, (n, us) in sorted(family.items(), key=lambda kv: -kv[1][1]):
+        print(f"    {key:12s} {n / steps:6.0f} kernels {us / steps / 1000:6.2f} ms")
+    for name, (n, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:12]:
+        print(f"      {n / steps:5.0f} x {us / max(n, 1):6.1f} us  {name[:110]}")
+
+
 def main():
-    cli = LabCLI(QLoRAModule, ChatDataModule, args=sys.argv[1:], run=False)
-    data, module = cli.datamodule, cli.model
-    data.setup("fit")
-    module.configure_model()
-    optimizer = module.configure_optimizers()
-    loader = iter(data.train_dataloader())
-    start = time.perf_counter()
-    cpu_batches = [next(loader) for _ in range(60)]
-    print(f"collate: {(time.perf_counter() - start) / 60 * 1000:.1f} ms/batch", flush=True)
-    batches = [{k: v.cuda() for k, v in b.items()} for b in cpu_batches]
-    for graphs in (False, True, False, True):
-        print(f"{'graphs' if graphs else 'eager '}: {steps_per_second(module, batches, optimizer, graphs):.1f} ms/step "
-              f"(no per-step sync; loss, backward, clip, fused AdamW)", flush=True)
-    print(f"graphs captured: {len(module._graphed.graphs)}, eager fallbacks: {module._graphed.eager_calls}")
     chats = [[{"role": "user", "content": f"What is {e}?"}] for e in "🐼🇺🇸🎂🤌👋🏽🦩🧑‍🚀"] + [[{"role": "user", "content": "Hi"}]]
-    for _ in range(2):
-        torch.cuda.synchronize()
+    for once in (False, True):
+        cli = LabCLI(QLoRAModule, ChatDataModule, args=[*sys.argv[1:], "--model.dequantize_once", str(once).lower()],
+                     run=False)
+        data, module = cli.datamodule, cli.model
+        data.setup("fit")
+        sync()
         start = time.perf_counter()
-        generate(module.model, module.tokenizer, chats, max_new_tokens=24)
-        torch.cuda.synchronize()
-        print(f"generate 8 chats x 24 tokens: {time.perf_counter() - start:.2f} s", flush=True)
+        module.configure_model()
+        sync()
+        print(f"dequantize_once={once}: model load {time.perf_counter() - start:.2f} s", flush=True)
+        optimizer = module.configure_optimizers()
+        loader = iter(data.train_dataloader())
+        start = time.perf_counter()
+        cpu_batches = [next(loader) for _ in range(60)]
+        print(f"  collate: {(time.perf_counter() - start) / 60 * 1000:.1f} ms/batch", flush=True)
+        batches = [to_device(b) for b in cpu_batches]
+        for graphs in (False, True, True) if CUDA else (False,):
+            print(f"  {'graphs' if graphs else 'eager '}: {ms_per_step(module, batches, optimizer, graphs):.1f} ms/step "
+                  f"(no per-step sync; loss, backward, clip, fused AdamW)", flush=True)
+        if CUDA:
+            print(f"  graphs captured: {len(module._graphed.graphs)}, eager fallbacks: {module._graphed.eager_calls}")
+        kernel_census(module, batches, optimizer)
+        val = [to_device(b) for b in data.val_dataloader()]
+        for _ in range(2):
+            sync()
+            start = time.perf_counter()
+            with torch.no_grad():
+                module.model.eval()
+                for batch in val:
+                    label_loss(module.model, batch)
+                module.model.train()
+            sync()
+            print(f"  validation ({len(val)} batches): {time.perf_counter() - start:.3f} s", flush=True)
+        for _ in range(2):
+            sync()
+            start = time.perf_counter()
+            answers = generate(module.model, module.tokenizer, chats, max_new_tokens=24)
+            sync()
+            print(f"  generate {len(chats)} chats x 24 tokens: {time.perf_counter() - start:.2f} s "
+                  f"({max(len(a.token_ids) for a in answers)} tokens)", flush=True)
+        del module, optimizer, batches, cli
+        torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":
