@@ -4,6 +4,8 @@ measure name accuracy.
     python scripts/emoji_experiment.py OUT.json fit --config configs/emoji.yaml [overrides...]
 
 Used for GPU runs; `lit-llama-lab evaluate` is the tool for reports. EVAL_LIMIT=N evaluates N rows per split.
+PROFILE_STEPS=A:B traces training batches A..B with torch.profiler and prints how busy the GPU was in that window
+and which host calls waited for it.
 """
 
 import json
@@ -62,6 +64,51 @@ class PhaseTimer(L.Callback):
         self.train_end = time.perf_counter()
 
 
+class StepWindowProfile(L.Callback):
+    """torch.profiler over training batches ``first``..``last``: wall time of the window, GPU kernel time (the union
+    of kernel intervals), and the host calls that wait for the GPU (synchronizations, copies to the host)."""
+
+    def __init__(self, first: int, last: int) -> None:
+        self.first, self.last, self.prof = first, last, None
+        self.summary: dict = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.first and self.prof is None:
+            from torch.profiler import ProfilerActivity, profile
+
+            torch.cuda.synchronize()
+            self.prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+            self.prof.__enter__()
+            self.t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.prof is None or self.summary or trainer.global_step < self.last:
+            return
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - self.t0
+        self.prof.__exit__(None, None, None)
+        events = self.prof.events()
+        spans = sorted((e.time_range.start, e.time_range.end) for e in events
+                       if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+        busy, end = 0.0, -1.0
+        for a, b in spans:
+            if b > end:
+                busy += b - max(a, end)
+                end = b
+        waits = {}
+        for e in events:
+            if e.device_type == torch.autograd.DeviceType.CPU and any(
+                    w in e.name for w in ("Synchronize", "cudaMemcpy", "item", "aten::_local_scalar_dense")):
+                n, t = waits.get(e.name, (0, 0.0))
+                waits[e.name] = (n + 1, t + e.cpu_time_total / 1e6)
+        steps = self.last - self.first
+        self.summary = {"steps": steps, "wall_ms_per_step": wall / steps * 1000,
+                        "gpu_busy_ms_per_step": busy / 1000 / steps, "kernels_per_step": len(spans) / steps,
+                        "waits": {k: v for k, v in sorted(waits.items(), key=lambda kv: -kv[1][1])[:12]}}
+        top = self.prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25)
+        print(json.dumps(self.summary, indent=1), "\n", top, flush=True)
+
+
 def time_calls(timer: PhaseTimer, owner, name: str, key: str) -> None:
     """Add the wall time of every call of ``owner.name`` (synchronized on a GPU) to ``timer.seconds[key]``."""
     original = getattr(owner, name)
@@ -97,6 +144,10 @@ def main():
     epoch_tokens = sum(len(e["input_ids"]) for e in data.splits["train"])
     timer = PhaseTimer()
     cli.trainer.callbacks.insert(0, timer)  # first: its validation end is timed before samples and checkpoints
+    window = os.environ.get("PROFILE_STEPS")
+    profiler = StepWindowProfile(*map(int, window.split(":"))) if window and torch.cuda.is_available() else None
+    if profiler:
+        cli.trainer.callbacks.append(profiler)
     time_calls(timer, QLoRAModule, "configure_model", "model_load")
     time_calls(timer, SampleGenerations, "on_validation_end", "sample_tables")
     time_calls(timer, AdapterCheckpoint, "_save_checkpoint", "checkpoint_writes")
@@ -111,7 +162,8 @@ def main():
               "train_seconds": seconds, "phases": timer.seconds, "batch_shapes": len(timer.shapes),
               "train_tokens": tokens, "tokens_per_s": tokens / seconds,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-              "val_loss": float(cli.trainer.callback_metrics.get("val_loss", float("nan")))}
+              "val_loss": float(cli.trainer.callback_metrics.get("val_loss", float("nan"))),
+              "profile": profiler.summary if profiler else None}
     print(json.dumps(result, indent=1), flush=True)
     model, tok = module.model, module.tokenizer
     limit = int(os.environ.get("EVAL_LIMIT", "100000"))

@@ -6,6 +6,7 @@ config; each for 4-bit layers dequantized at every use and once (``--model.dequa
 """
 
 import collections
+import os
 import sys
 import time
 
@@ -90,7 +91,9 @@ def kernel_census(module, batches, optimizer, steps: int = 3) -> None:
 
 def main():
     chats = [[{"role": "user", "content": f"What is {e}?"}] for e in "🐼🇺🇸🎂🤌👋🏽🦩🧑‍🚀"] + [[{"role": "user", "content": "Hi"}]]
-    for once in (False, True):
+    if os.environ.get("TF32"):  # TF32=1: tensor cores for the fp32 (adapter) matmuls
+        torch.set_float32_matmul_precision("high")
+    for once in [v == "true" for v in os.environ.get("DEQUANTIZE_ONCE", "false,true").split(",")]:
         cli = LabCLI(QLoRAModule, ChatDataModule, args=[*sys.argv[1:], "--model.dequantize_once", str(once).lower()],
                      run=False)
         data, module = cli.datamodule, cli.model
