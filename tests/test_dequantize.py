@@ -23,9 +23,11 @@ def test_dequantized_layers_train_exactly_like_bitsandbytes():
         runs[once] = (train(module, batch, 3), module.adapter_state_dict(), module.state_dict())
     (plain_losses, plain_weights, plain_state), (once_losses, once_weights, once_state) = runs[False], runs[True]
     assert plain_losses[-1] != pytest.approx(plain_losses[0], rel=1e-4)  # the adapters trained
-    assert once_losses == pytest.approx(plain_losses, rel=1e-6)
+    # on a CPU the very same fp32 matmuls; on a GPU cuBLAS may sum in another order than bitsandbytes' 4-bit GEMM
+    tol = 1e-5 if torch.cuda.is_available() else 1e-6
+    assert once_losses == pytest.approx(plain_losses, rel=tol)
     for name, weight in plain_weights.items():
-        torch.testing.assert_close(once_weights[name], weight, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(once_weights[name], weight, rtol=10 * tol, atol=tol)
     # the cache is no part of the module's state: the same keys (4-bit weights and their quant state) as without
     assert set(once_state) == set(plain_state) and not any("_dequantized" in k for k in once_state)
 
@@ -38,8 +40,9 @@ def test_dequantized_bytes_counts_every_4bit_weight_in_the_compute_dtype():
     assert dequantized_bytes(make_module(quantize="none").model) == 0  # nothing to dequantize
 
 
-def test_dequantize_once_auto_is_off_on_cpu_and_bad_values_are_refused():
-    assert not any(hasattr(m, "_dequantized") for m in four_bit_layers(make_module().model))  # auto on a CPU
+def test_dequantize_once_auto_is_on_for_a_small_model_on_cuda_only_and_bad_values_are_refused():
+    on = torch.cuda.is_available()  # the tiny model's copy is far below 1 GiB
+    assert all(hasattr(m, "_dequantized") == on for m in four_bit_layers(make_module().model))
     with pytest.raises(ValueError, match="dequantize_once='yes'"):
         make_module(dequantize_once="yes")
 
