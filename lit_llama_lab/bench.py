@@ -139,7 +139,8 @@ def build_ours(name: str, rank: int, checkpointing: bool, device: torch.device, 
     chunked = partial(fast_label_loss, chunk=ce_chunk)
     if graphs and device.type == "cuda":
         graphed = GraphedLoss(model, chunked)
-        return model, graphed, lambda b: pad_packed_batch(attention_inputs(b, attention), 128, tokenizer.pad_token_id)
+        # padded first, as training pads before it builds varlen's offsets (padding: one segment a row)
+        return model, graphed, lambda b: attention_inputs(pad_packed_batch(b, 128, tokenizer.pad_token_id), attention)
     loss = (lambda batch: chunked(model, batch)) if chunked_ce else (lambda b: label_loss(model, b)[0])
     return model, loss, lambda batch: attention_inputs(batch, attention)
 
@@ -344,8 +345,8 @@ def bench(
         device: ``auto`` (CUDA when present), ``cuda`` or ``cpu``. bf16 compute on GPU, fp32 on CPU.
         paths: comma-separated: baseline (the issue's recipe: no autocast), baseline+amp (bf16 autocast), ours, or
             ours+modifiers (sdpa|flex|varlen, compile, liger, graphs, fullce, bf16act). ``auto``: on a GPU
-            baseline, baseline+amp, ours+graphs+compile (what training runs for a 1B model) and
-            ours+varlen+compile+graphs (the fastest); on a CPU baseline and ours.
+            baseline, baseline+amp, ours+graphs+compile (the sdpa mask, training's previous default) and
+            ours+varlen+compile+graphs (what training runs for a 1B model on a GPU); on a CPU baseline and ours.
         loss_steps: steps on real emoji chats before the held-out loss is compared (0 or real_data=False: skip).
         loss_model: model for the loss check; ``auto``: tiny-random for the tiny shape, else smollm2-135m.
         loss_batch: emoji chats per real-data step (packed into rows of 512 tokens).

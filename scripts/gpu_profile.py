@@ -41,9 +41,12 @@ def main():
     optimizer = module.configure_optimizers()
     loader = iter(data.train_dataloader())
     start = time.perf_counter()
-    cpu_batches = [next(loader) for _ in range(60)]
+    # as Lightning gives them: with num_labelled and max_documents (varlen's offsets need it; without it the graphed
+    # step would take the mask). The eager line times fast_label_loss with the mask (sdpa) whatever the attention.
+    cpu_batches = [data.on_before_batch_transfer(next(loader), 0) for _ in range(60)]
     print(f"collate: {(time.perf_counter() - start) / 60 * 1000:.1f} ms/batch", flush=True)
-    batches = [{k: v.cuda() for k, v in b.items()} for b in cpu_batches]
+    batches = [{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in b.items()} for b in cpu_batches]
+    print(f"attention: {module.attention}", flush=True)
     for graphs in (False, True, False, True):
         print(f"{'graphs' if graphs else 'eager '}: {steps_per_second(module, batches, optimizer, graphs):.1f} ms/step "
               f"(no per-step sync; loss, backward, clip, fused AdamW)", flush=True)
