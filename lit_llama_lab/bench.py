@@ -113,6 +113,8 @@ def build_baseline(name: str, rank: int, checkpointing: bool, device: torch.devi
     Trainer does with ``bf16=True``."""
     from peft import get_peft_model, prepare_model_for_kbit_training
 
+    torch.set_float32_matmul_precision("highest")  # the plain stack as it comes (ours turns TF32 on, as training)
+
     base, _ = load_base_model(name, "nf4", resolve_compute_dtype("auto"), device, "sdpa")
     base.config.use_cache = False
     base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=checkpointing)
@@ -132,6 +134,8 @@ def build_ours(name: str, rank: int, checkpointing: bool, device: torch.device, 
     chunked loss (``ce_chunk`` rows a chunk, 0: auto), our packing mask or flex/varlen attention; ``graphs``: the forward
     and backward replayed from CUDA graphs (rows padded to multiples of 128 tokens), as training does on a GPU."""
     base, tokenizer = load_base_model(name, "nf4", resolve_compute_dtype("auto"), device, "sdpa")
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 adapter matmuls, as QLoRAModule(tf32=True)
     torch.manual_seed(seed)
     model = fast_peft_model(base, LoraArgs(r=rank, alpha=rank).peft_config(), checkpointing, attention, compile, liger,
                             preserve_rng_state=not graphs,  # no dropout here: nothing random to replay
@@ -139,7 +143,8 @@ def build_ours(name: str, rank: int, checkpointing: bool, device: torch.device, 
     chunked = partial(fast_label_loss, chunk=ce_chunk)
     if graphs and device.type == "cuda":
         graphed = GraphedLoss(model, chunked)
-        return model, graphed, lambda b: pad_packed_batch(attention_inputs(b, attention), 128, tokenizer.pad_token_id)
+        # padded first, as training pads before it builds varlen's offsets (padding: one segment a row)
+        return model, graphed, lambda b: attention_inputs(pad_packed_batch(b, 128, tokenizer.pad_token_id), attention)
     loss = (lambda batch: chunked(model, batch)) if chunked_ce else (lambda b: label_loss(model, b)[0])
     return model, loss, lambda batch: attention_inputs(batch, attention)
 
@@ -344,8 +349,8 @@ def bench(
         device: ``auto`` (CUDA when present), ``cuda`` or ``cpu``. bf16 compute on GPU, fp32 on CPU.
         paths: comma-separated: baseline (the issue's recipe: no autocast), baseline+amp (bf16 autocast), ours, or
             ours+modifiers (sdpa|flex|varlen, compile, liger, graphs, fullce, bf16act). ``auto``: on a GPU
-            baseline, baseline+amp, ours+graphs+compile (what training runs for a 1B model) and
-            ours+varlen+compile+graphs (the fastest); on a CPU baseline and ours.
+            baseline, baseline+amp, ours+graphs+compile (the sdpa mask, training's previous default) and
+            ours+varlen+compile+graphs (what training runs for a 1B model on a GPU); on a CPU baseline and ours.
         loss_steps: steps on real emoji chats before the held-out loss is compared (0 or real_data=False: skip).
         loss_model: model for the loss check; ``auto``: tiny-random for the tiny shape, else smollm2-135m.
         loss_batch: emoji chats per real-data step (packed into rows of 512 tokens).

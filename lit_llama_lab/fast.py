@@ -162,13 +162,58 @@ def keep_fp32_activations(model) -> bool:
     return True
 
 
+def varlen_keys(document_ids: torch.Tensor, max_documents: int) -> dict:
+    """FlashAttention varlen's inputs for a packed batch, in tensors whose sizes do not depend on the data.
+
+    ``document_ids``: ``[rows, width]`` long, as :func:`lit_llama_lab.data.packing.document_ids` builds it: each row
+    holds its documents ``0, 1, ..., k-1`` back to back from position 0, then padding (-1) to the end of the row.
+    ``max_documents``: at most this many documents in the whole batch (the data module's ``batch_size``: one
+    document per example); a batch with more is refused on the CPU (:meth:`ChatDataModule.on_before_batch_transfer
+    <lit_llama_lab.data.datamodule.ChatDataModule.on_before_batch_transfer>` checks, and so does this function for a
+    CPU tensor), and on a GPU scatter's bounds check fails.
+
+    The flattened batch is split into ``max_documents + rows`` segments: each row's documents, then one segment for
+    the row's trailing padding (empty when there is none; its tokens attend each other causally, never a real token,
+    and carry no label), then empty segments for the documents the batch does not have. Returns
+    ``cu_seq_lens_q``/``cu_seq_lens_k`` (the same int32 tensor of ``max_documents + rows + 1`` offsets, starting at 0
+    and ending at ``rows * width``) and ``max_length_q``/``max_length_k`` = ``width`` (a Python int: a bound, the
+    kernel's grid size, fixed for a batch shape). No host sync (no ``.item()``, ``nonzero`` or branch on values), so
+    it can run before a CUDA graph replay whose inputs it fills.
+
+    The empty segments are not free: FlashAttention's varlen backward allocates ``128 * segments`` extra rows of fp32
+    ``dQ`` accumulator (``heads * head_dim * 4`` bytes each), so the segment count follows the batch's documents,
+    not ``rows * max_documents``.
+    """
+    rows, width = document_ids.shape
+    if document_ids.device.type == "cpu":  # checked where it costs no sync
+        check_documents(document_ids, max_documents)
+    per_row = document_ids.amax(dim=1) + 1  # documents in each row (ids 0..k-1, then -1)
+    first = torch.cumsum(per_row + 1, 0) - (per_row + 1)  # each row's first segment
+    segment = first[:, None] + torch.where(document_ids < 0, per_row[:, None], document_ids)
+    lengths = torch.zeros(max_documents + rows, dtype=torch.long, device=document_ids.device)
+    lengths.scatter_add_(0, segment.flatten(), torch.ones_like(segment).flatten())
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": width, "max_length_k": width}
+
+
+def check_documents(document_ids: torch.Tensor, max_documents: int) -> None:
+    """Raise unless ``document_ids`` (on the CPU) holds at most ``max_documents`` documents in all (see
+    :func:`varlen_keys`)."""
+    found = int((document_ids.amax(dim=1) + 1).clamp(min=0).sum())
+    if found > max_documents:
+        raise ValueError(f"The batch holds {found} documents, more than max_documents={max_documents}: varlen's "
+                         "offsets would merge documents. Pass the largest number of examples in a batch.")
+
+
 def attention_inputs(batch: dict, attention: Attention) -> dict:
     """Adapt a packed batch (restarting ``position_ids`` + our 4-D mask) to an attention implementation.
 
     ``sdpa`` keeps our block-diagonal mask; ``flex`` replaces it by an equal flex ``BlockMask`` (blocks outside
-    a document are skipped); ``varlen`` drops it and adds cumulative sequence lengths over the flattened batch for
-    FlashAttention varlen. Documents are found from ``position_ids`` restarting at 0, so a padding token (position
-    0) is a document of its own in all three, as in :func:`lit_llama_lab.data.packing.block_causal_mask`.
+    a document are skipped); ``varlen`` drops it and adds :func:`varlen_keys`, as training does. Documents are the
+    batch's ``document_ids`` when it has them (padding, -1, one segment per row), else found from ``position_ids``
+    restarting at 0, so a padding token (position 0) is a document of its own in all three, as in
+    :func:`lit_llama_lab.data.packing.block_causal_mask`. ``varlen`` reads the number of documents from the batch
+    (one host sync: prepare batches before timing them).
     """
     out = {k: v for k, v in batch.items() if k in ("input_ids", "labels", "position_ids")}
     starts = batch["position_ids"] == 0
@@ -185,10 +230,11 @@ def attention_inputs(batch: dict, attention: Attention) -> dict:
 
         out["attention_mask"] = create_block_mask(same_document_causal, rows, None, width, width, device=docs.device)
     elif attention == "varlen":
-        flat = torch.nonzero(starts.flatten()).flatten()
-        cu = torch.cat([flat, torch.tensor([starts.numel()], device=flat.device)]).to(torch.int32)
-        longest = int((cu[1:] - cu[:-1]).max())
-        out.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+        ids = batch.get("document_ids")
+        if ids is None:
+            ids = starts.long().cumsum(-1) - 1
+        documents = int((ids.amax(dim=1) + 1).clamp(min=0).sum())
+        out.update(varlen_keys(ids, documents))
     else:
         raise ValueError(f"Unknown attention {attention!r}; use sdpa, flex or varlen.")
     return out
@@ -198,8 +244,17 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout=
     """A transformers attention function over torch's FlashAttention varlen kernel (``torch.nn.attention.varlen``).
 
     ``query``: ``[batch, heads, seq, dim]``; the batch is flattened into one token stream split by
-    ``cu_seq_lens_q``. Returns ``([batch, seq, heads, dim], None)`` like transformers' sdpa function.
+    ``cu_seq_lens_q`` (:func:`varlen_keys`). Returns ``([batch, seq, heads, dim], None)`` like transformers' sdpa
+    function. Without ``cu_seq_lens_q`` (validation with our 4-D mask, anything else) it is transformers' sdpa
+    function with the same arguments. transformers builds no mask for this implementation: a 4-D mask passes as
+    given, a 2-D padding mask becomes None, which only right padding survives (real tokens come before the padding
+    and attention is causal); :func:`lit_llama_lab.generation.generate` (left padding, KV cache) switches to sdpa.
     """
+    if kwargs.get("cu_seq_lens_q") is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
     from torch.nn.attention.varlen import varlen_attn
 
     b, hq, s, d = query.shape
@@ -216,19 +271,48 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout=
     return out.reshape(b, s, hq, d), None
 
 
+VARLEN = "lit_varlen"  # the name varlen_attention_forward is registered under in transformers' AttentionInterface
+
+
+def register_varlen_attention() -> str:
+    """Register :func:`varlen_attention_forward` in transformers' ``AttentionInterface`` as :data:`VARLEN` (works
+    without CUDA: the sdpa fallback runs anywhere). Returns the name."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VARLEN, varlen_attention_forward)
+    return VARLEN
+
+
+def varlen_unsupported(model) -> str | None:
+    """Why FlashAttention varlen cannot train ``model`` here, or None when it can: it needs torch's
+    ``torch.nn.attention.varlen``, the model on a CUDA GPU of compute capability 8.0 or newer (Ampere+) and a bf16 or
+    fp16 compute dtype."""
+    import importlib.util
+
+    parameter = next(unwrap_peft(model).parameters())
+    if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    if not parameter.is_cuda:
+        return "the model is not on a CUDA GPU"
+    if torch.cuda.get_device_capability(parameter.device) < (8, 0):
+        return f"{torch.cuda.get_device_name(parameter.device)} is older than Ampere (FlashAttention needs sm80+)"
+    compute = unwrap_peft(model).get_input_embeddings().weight.dtype
+    if compute not in (torch.bfloat16, torch.float16):
+        return f"the compute dtype is {compute}, FlashAttention needs bfloat16 or float16"
+    return None
+
+
 def use_attention(model, attention: Attention) -> None:
-    """Switch a loaded model's attention: ``sdpa``, ``flex`` (transformers' flex_attention) or ``varlen``."""
+    """Switch a loaded model's attention: ``sdpa``, ``flex`` (transformers' flex_attention) or ``varlen``
+    (:func:`varlen_attention_forward`; refused without CUDA)."""
     if attention == "sdpa":
         model.set_attn_implementation("sdpa")
     elif attention == "flex":
         model.set_attn_implementation("flex_attention")
     elif attention == "varlen":
-        from transformers import AttentionInterface
-
         if not torch.cuda.is_available():
             raise ValueError("attention='varlen' needs a CUDA GPU (FlashAttention); use 'sdpa' or 'flex' on a CPU.")
-        AttentionInterface.register("lit_varlen", varlen_attention_forward)
-        model.set_attn_implementation("lit_varlen")
+        model.set_attn_implementation(register_varlen_attention())
     else:
         raise ValueError(f"Unknown attention {attention!r}; use sdpa, flex or varlen.")
 

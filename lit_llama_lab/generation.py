@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lit_llama_lab.fast import VARLEN, unwrap_peft
+
 Chat = list[dict]
 
 
@@ -40,7 +42,9 @@ def generate(
 
     ``streamer`` (e.g. transformers' ``TextIteratorStreamer``) receives tokens as they come; it needs a single
     chat. The model's training/eval mode is restored afterwards. Runs eagerly even when training compiled the
-    decoder layers: a growing KV cache would recompile them at every new length.
+    decoder layers: a growing KV cache would recompile them at every new length. A model training with FlashAttention
+    varlen (:data:`lit_llama_lab.fast.VARLEN`) generates through sdpa, then gets varlen back: transformers builds no
+    mask for varlen, so the left padding here would be attended to.
     """
     if streamer is not None and len(chats) != 1:
         raise ValueError("Streaming needs exactly one chat.")
@@ -48,6 +52,10 @@ def generate(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     device = next(p for p in model.parameters()).device
     was_training = model.training
+    causal_lm = unwrap_peft(model)
+    attention = causal_lm.config._attn_implementation
+    if attention == VARLEN:
+        causal_lm.set_attn_implementation("sdpa")
     model.eval()
     results: list[Generation] = []
     try:
@@ -77,4 +85,6 @@ def generate(
                     results.append(Generation(tokenizer.decode(new, skip_special_tokens=True).strip(), new, stopped))
     finally:
         model.train(was_training)
+        if attention == VARLEN:
+            causal_lm.set_attn_implementation(attention)
     return results

@@ -19,6 +19,7 @@ from torchmetrics.text import Perplexity
 from lit_llama_lab.data.masking import IGNORE_INDEX, labelled_next_tokens
 from lit_llama_lab.data.packing import pad_packed_batch
 from lit_llama_lab.fast import (
+    DECODER_KEYS,
     cache_dequantized_weights,
     checkpoint_kwargs,
     compile_decoder_layers,
@@ -26,6 +27,9 @@ from lit_llama_lab.fast import (
     fast_label_loss,
     final_hidden,
     keep_fp32_activations,
+    use_attention,
+    varlen_keys,
+    varlen_unsupported,
 )
 from lit_llama_lab.fsdp import check_strategy, clean_name, is_fsdp, wrap_for_fsdp
 from lit_llama_lab.graphs import GraphedLoss
@@ -69,11 +73,12 @@ class LoraArgs:
         )
 
 
-def labelled_hidden(model, batch: dict, decoder_keys=("attention_mask", "position_ids")):
+def labelled_hidden(model, batch: dict, decoder_keys: tuple[str, ...] = DECODER_KEYS):
     """Run the decoder and keep the final hidden states of positions whose next token is labelled.
 
-    ``decoder_keys`` present in ``batch`` go to the decoder. Returns ``(causal_lm, hidden [n, d], targets [n])``,
-    where ``causal_lm`` is the model under any peft wrapper (its ``get_output_embeddings`` is the vocab projection).
+    ``decoder_keys`` present in ``batch`` go to the decoder (the mask, ``position_ids``, varlen's offsets). Returns
+    ``(causal_lm, hidden [n, d], targets [n])``, where ``causal_lm`` is the model under any peft wrapper (its
+    ``get_output_embeddings`` is the vocab projection).
     """
     causal_lm, hidden = final_hidden(model, batch, decoder_keys)
     targets = batch["labels"][:, 1:]
@@ -104,7 +109,13 @@ class QLoRAModule(L.LightningModule):
         learning_rate: AdamW peak learning rate (a warmup callback may scale it).
         weight_decay: AdamW weight decay on adapter weights.
         gradient_checkpointing: recompute activations in the backward pass to save memory.
-        attn_implementation: ``sdpa``, ``eager`` or ``flex_attention``.
+        attn_implementation: ``auto`` (the default: ``varlen`` when the model is on a CUDA GPU that FlashAttention
+            supports, Ampere or newer, with a bf16/fp16 compute dtype and torch has ``torch.nn.attention.varlen``;
+            else ``sdpa``), ``varlen`` (refused where it cannot run), ``sdpa``, ``eager`` or ``flex_attention``.
+            ``varlen`` trains packed batches through FlashAttention varlen from per-document offsets of a fixed size
+            (:func:`lit_llama_lab.fast.varlen_keys`), so no ``[rows, 1, width, width]`` mask reaches the step and
+            CUDA graphs can replay it; validation (our 4-D mask) and generation run through sdpa. The resolved
+            choice is ``self.attention``.
         cuda_graphs: on a GPU, replay each training step's forward and backward from a CUDA graph (one per batch
             shape; same kernels, same math): removes the per-kernel launch overhead that dominates small models.
         graph_pad_multiple: with ``cuda_graphs``, packed rows are padded to a multiple of this many tokens so
@@ -127,6 +138,10 @@ class QLoRAModule(L.LightningModule):
             the same values, a few kernels fewer per projection, at the cost of the weights' 16-bit size in memory.
             ``auto``: on when training on CUDA and that copy takes at most 1 GiB (SmolLM2-135M: 0.2 GB; off for
             Llama-3.2-1B, whose 4-bit memory is the point), off on CPUs and under FSDP. ``true`` / ``false`` force it.
+        tf32: on a CUDA GPU, run fp32 matmuls on TF32 tensor cores (``torch.set_float32_matmul_precision("high")``,
+            a process-wide setting): with fp32 activations these are the adapters' matmuls, which otherwise run on
+            plain fp32 cores. Inputs keep 10 mantissa bits and sums stay fp32: finer than the bf16 the plain stack
+            computes them in under autocast. The 4-bit base matmuls run in the compute dtype either way.
     """
 
     def __init__(
@@ -138,13 +153,14 @@ class QLoRAModule(L.LightningModule):
         learning_rate: float = 2e-4,
         weight_decay: float = 0.0,
         gradient_checkpointing: bool = False,
-        attn_implementation: Literal["sdpa", "eager", "flex_attention"] = "sdpa",
+        attn_implementation: Literal["auto", "varlen", "sdpa", "eager", "flex_attention"] = "auto",
         cuda_graphs: bool = True,
         graph_pad_multiple: int = 128,
         quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto",
         fp32_activations: bool = True,
         compile: bool | Literal["auto"] = "auto",
         dequantize_once: bool | Literal["auto"] = "auto",
+        tf32: bool = True,
     ) -> None:
         super().__init__()
         self.lora = lora or LoraArgs()
@@ -156,6 +172,7 @@ class QLoRAModule(L.LightningModule):
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
         self.val_loss = MeanMetric()
         self._graphed: GraphedLoss | None = None
+        self.attention: str | None = None  # attn_implementation resolved by configure_model
 
     def configure_model(self) -> None:
         """Load the base and attach adapters, once (Lightning may call this more than once).
@@ -175,10 +192,16 @@ class QLoRAModule(L.LightningModule):
             quantize=self.hparams.quantize,
             compute_dtype=compute_dtype,
             device=strategy.root_device if strategy is not None else None,
-            attn_implementation=self.hparams.attn_implementation,
+            attn_implementation="sdpa" if self.hparams.attn_implementation in ("auto", "varlen")
+            else self.hparams.attn_implementation,
             quant_storage=resolve_quant_storage(self.hparams.quant_storage, compute_dtype, sharded=is_fsdp(strategy)),
         )
         base.config.use_cache = False
+        if self.hparams.tf32 and next(base.parameters()).is_cuda:
+            torch.set_float32_matmul_precision("high")
+        self.attention = self.resolve_attention(base)
+        if self.attention == "varlen":
+            use_attention(base, "varlen")
         compiled = self.use_compile(base, strategy)
         if self.hparams.fp32_activations:
             keep_fp32_activations(base)
@@ -200,6 +223,19 @@ class QLoRAModule(L.LightningModule):
         self.model.train(self.training)
         if is_fsdp(strategy):
             wrap_for_fsdp(self.model, strategy.root_device)
+
+    def resolve_attention(self, base) -> str:
+        """The attention to train with: ``attn_implementation`` with ``auto`` resolved (see the class docstring)."""
+        setting = self.hparams.attn_implementation
+        if setting not in ("auto", "varlen"):
+            return setting
+        reason = varlen_unsupported(base)
+        if reason is None:
+            return "varlen"
+        if setting == "varlen":
+            raise ValueError(f"attn_implementation=varlen cannot run here: {reason}. Use auto or sdpa.")
+        log.info("Attention: sdpa with the packed-batch mask (FlashAttention varlen is off: %s).", reason)
+        return "sdpa"
 
     def use_compile(self, base, strategy) -> bool:
         """Whether to compile the decoder layers (the ``compile`` setting resolved; see the class docstring)."""
@@ -240,11 +276,22 @@ class QLoRAModule(L.LightningModule):
 
         On a GPU with ``cuda_graphs``: fixed-shape (:func:`~lit_llama_lab.fast.fast_label_loss`) and replayed from
         CUDA graphs. Elsewhere: logits at labelled positions only (:func:`label_loss`). Both compute the same loss.
+        With varlen attention a packed batch (``document_ids`` and ``max_documents``, from
+        :class:`~lit_llama_lab.data.datamodule.ChatDataModule`) goes to the model without its 4-D mask, as
+        FlashAttention varlen offsets (:func:`~lit_llama_lab.fast.varlen_keys`), on both paths.
         """
+        varlen = self.attention == "varlen" and "document_ids" in batch and "max_documents" in batch
+        if varlen:  # the mask is neither read nor, on the graphed path, copied into the graph's inputs
+            batch = {k: v for k, v in batch.items() if k != "attention_mask"}
         if self.hparams.cuda_graphs and batch["input_ids"].is_cuda and self.trainer_world_size() == 1:
             if self._graphed is None:
                 self._graphed = GraphedLoss(self.model, fast_label_loss)
-            return self._graphed(pad_packed_batch(batch, self.hparams.graph_pad_multiple, self.tokenizer.pad_token_id))
+            padded = pad_packed_batch(batch, self.hparams.graph_pad_multiple, self.tokenizer.pad_token_id)
+            if varlen:
+                padded = {**padded, **varlen_keys(padded["document_ids"], batch["max_documents"])}
+            return self._graphed(padded)
+        if varlen:
+            batch = {**batch, **varlen_keys(batch["document_ids"], batch["max_documents"])}
         return label_loss(self.model, batch)[0]
 
     def trainer_world_size(self) -> int:

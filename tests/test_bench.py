@@ -39,12 +39,17 @@ def test_linear_cross_entropy_rejects_unselected_rows():
 
 
 def test_varlen_inputs_split_the_flattened_batch_where_positions_restart():
+    """The bench builds training's offsets (``fast.varlen_keys``): without document ids a restart of the positions
+    starts a document (a padding token is one of its own), each row ends with a padding segment (empty here)."""
     batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "labels": torch.zeros(2, 4, dtype=torch.long),
              "position_ids": torch.tensor([[0, 1, 2, 0], [0, 1, 0, 0]]), "attention_mask": torch.ones(2, 1, 4, 4)}
     out = attention_inputs(batch, "varlen")
     assert "attention_mask" not in out
-    assert out["cu_seq_lens_q"].tolist() == [0, 3, 4, 6, 7, 8]
-    assert out["max_length_q"] == 3
+    assert out["cu_seq_lens_q"].tolist() == [0, 3, 4, 4, 6, 7, 8, 8]
+    assert out["max_length_q"] == 4  # the row width: a bound fixed by the shape
+    # with the collator's document ids the padding (-1) is one segment a row
+    batch["document_ids"] = torch.tensor([[0, 0, 0, 1], [0, 0, -1, -1]])
+    assert attention_inputs(batch, "varlen")["cu_seq_lens_q"].tolist() == [0, 3, 4, 4, 6, 8]
 
 
 def test_fp32_activations_keep_the_adapter_update_that_bf16_rounds_away():

@@ -16,7 +16,7 @@ def test_dequantized_layers_train_exactly_like_bitsandbytes():
     runs = {}
     for once in (False, True):
         torch.manual_seed(0)  # the same adapter init
-        module = make_module(dequantize_once=once, learning_rate=1e-2, compute_dtype="float32")
+        module = make_module(dequantize_once=once, learning_rate=1e-2, compute_dtype="float32", tf32=False)
         layers = four_bit_layers(module.model)
         assert len(layers) == 14 and all((getattr(m, "_dequantized", None) is not None) == once for m in layers)
         batch = emoji_batch(module.tokenizer, 8)

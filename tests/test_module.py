@@ -82,3 +82,15 @@ def test_smollm2_4bit_loss_falls_on_fixed_batch():
     for n, p in module.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
+
+
+def test_tf32_is_set_for_cuda_training_only():
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        make_module(tf32=False)
+        assert torch.get_float32_matmul_precision() == "highest"
+        make_module()  # tf32 on by default: TF32 on a GPU, nothing to do on a CPU
+        assert torch.get_float32_matmul_precision() == ("high" if torch.cuda.is_available() else "highest")
+    finally:
+        torch.set_float32_matmul_precision(before)

@@ -21,8 +21,15 @@ from lit_llama_lab.data.formats import (
     row_to_messages,
 )
 from lit_llama_lab.data.masking import assistant_labels_batch, labelled_next_tokens
-from lit_llama_lab.data.packing import collate_packed, collate_padded, pack_balanced, packed_attention_mask
+from lit_llama_lab.data.packing import (
+    BOOL_MASK_IMPLEMENTATIONS,
+    collate_packed,
+    collate_padded,
+    pack_balanced,
+    packed_attention_mask,
+)
 from lit_llama_lab.data.sampler import ResumableDataLoader
+from lit_llama_lab.fast import check_documents
 
 log = logging.getLogger(__name__)
 TOKENIZE_VERSION = "1"  # bump when Tokenize's output changes, to invalidate cached tokenizations
@@ -119,7 +126,9 @@ class ChatDataModule(L.LightningDataModule):
         subset: the hub dataset's config name, if any.
         num_workers: DataLoader worker processes.
         num_proc: processes for tokenization (``datasets.map``); None tokenizes in this process.
-        attn_implementation: the model's attention (linked from the model): sets the packed mask's form.
+        attn_implementation: the model's attention (linked from the model): sets the packed mask's form. ``auto``,
+            ``varlen`` and ``sdpa`` get the boolean 4-D mask (varlen trains from ``document_ids`` and validates
+            through sdpa), ``eager`` an additive one, ``flex_attention`` a BlockMask.
         cache_dir: where ``datasets`` caches local files and their tokenization (default: the lab cache).
     """
 
@@ -141,7 +150,7 @@ class ChatDataModule(L.LightningDataModule):
         subset: str | None = None,
         num_workers: int = 0,
         num_proc: int | None = None,
-        attn_implementation: str = "sdpa",
+        attn_implementation: str = "auto",
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
@@ -251,15 +260,20 @@ class ChatDataModule(L.LightningDataModule):
 
     def on_before_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """Count the labelled tokens (``num_labelled``, the loss's logging weight) while the batch is on the CPU:
-        counting on a GPU would make the host wait for it every step."""
+        counting on a GPU would make the host wait for it every step. Packed batches also get ``max_documents``
+        (``batch_size``: every example is one document), the fixed bound varlen's offsets are sized by
+        (:func:`lit_llama_lab.fast.varlen_keys`), checked here."""
         batch["num_labelled"] = labelled_next_tokens(batch["labels"])
+        if "document_ids" in batch:
+            check_documents(batch["document_ids"], self.hparams.batch_size)
+            batch["max_documents"] = self.hparams.batch_size
         return batch
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         """Rebuild a packed batch's mask on its device: eager's additive mask in the model's compute dtype, flex's
         BlockMask."""
         impl = self.hparams.attn_implementation
-        if "document_ids" in batch and impl != "sdpa":
+        if "document_ids" in batch and impl not in BOOL_MASK_IMPLEMENTATIONS:
             dtype = torch.float32
             module = self.trainer.lightning_module if self.trainer is not None else None
             model = getattr(module, "model", None)

@@ -7,6 +7,9 @@ transformers 5, so the mask is built here, in the form each attention implementa
 * ``sdpa``: a boolean ``[batch, 1, width, width]`` tensor (True = may attend),
 * ``eager``: the same as an additive float tensor (0 / dtype min) in the model's compute dtype,
 * ``flex_attention``: a ``BlockMask`` built from per-token document ids (transformers passes a 4-D mask through).
+
+``varlen`` (and ``auto``, which is varlen on a GPU) trains without a mask, from ``document_ids``
+(:func:`lit_llama_lab.fast.varlen_keys`); its batches carry the sdpa mask for validation, which runs through sdpa.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import torch
 
 from lit_llama_lab.data.masking import IGNORE_INDEX
 
-ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention")
+ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "varlen", "eager", "flex_attention")
+BOOL_MASK_IMPLEMENTATIONS = ("auto", "sdpa", "varlen")  # the ones that take the boolean 4-D mask
 
 
 def pack_best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -106,14 +110,15 @@ def flex_block_mask(doc_ids: torch.Tensor):
 def packed_attention_mask(doc_ids: torch.Tensor, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32):
     """The block-diagonal causal mask in the form ``attn_implementation`` takes (see the module docstring).
 
-    ``dtype`` matters for eager only: the additive mask must be in the model's compute dtype.
+    ``dtype`` matters for eager only: the additive mask must be in the model's compute dtype. ``auto`` and
+    ``varlen`` get sdpa's boolean mask (their validation runs through sdpa).
     """
     if attn_implementation == "flex_attention":
         return flex_block_mask(doc_ids)
     mask = document_mask(doc_ids)
     if attn_implementation == "eager":
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    if attn_implementation == "sdpa":
+    if attn_implementation in BOOL_MASK_IMPLEMENTATIONS:
         return mask
     raise ValueError(f"Unknown attention implementation {attn_implementation!r}; use one of {ATTENTION_IMPLEMENTATIONS}.")
 
@@ -152,12 +157,14 @@ def collate_packed(
 def pad_packed_batch(batch: dict, multiple: int, pad_id: int) -> dict:
     """Widen a packed batch's rows (on any device) to the next multiple of ``multiple`` tokens.
 
-    Added positions are padding: ``pad_id``, label ``IGNORE_INDEX``, position 0, and in a boolean 4-D mask they
-    attend to themselves only, as :func:`document_mask` pads. The loss is unchanged; what changes is that batches
-    fall into a few shapes, which CUDA graphs need. Batches without a boolean 4-D mask are returned as they are.
+    Added positions are padding: ``pad_id``, label ``IGNORE_INDEX``, position 0, document id -1, and in a boolean
+    4-D mask they attend to themselves only, as :func:`document_mask` pads. The loss is unchanged; what changes is
+    that batches fall into a few shapes, which CUDA graphs need. Packed batches are those with a boolean 4-D mask,
+    or with ``document_ids`` and no mask at all (varlen's); others are returned as they are.
     """
     mask = batch.get("attention_mask")
-    if not isinstance(mask, torch.Tensor) or mask.dim() != 4 or mask.dtype != torch.bool:
+    bool_mask = isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.dtype == torch.bool
+    if not bool_mask and not (mask is None and "document_ids" in batch):
         return batch
     width = batch["input_ids"].shape[1]
     extra = -width % multiple
@@ -168,10 +175,11 @@ def pad_packed_batch(batch: dict, multiple: int, pad_id: int) -> dict:
     out["input_ids"] = pad(batch["input_ids"], (0, extra), value=pad_id)
     out["labels"] = pad(batch["labels"], (0, extra), value=IGNORE_INDEX)
     out["position_ids"] = pad(batch["position_ids"], (0, extra), value=0)
-    new_mask = pad(mask, (0, extra, 0, extra), value=False)
-    added = torch.arange(width, width + extra, device=mask.device)
-    new_mask[:, :, added, added] = True
-    out["attention_mask"] = new_mask
+    if bool_mask:
+        new_mask = pad(mask, (0, extra, 0, extra), value=False)
+        added = torch.arange(width, width + extra, device=mask.device)
+        new_mask[:, :, added, added] = True
+        out["attention_mask"] = new_mask
     if "document_ids" in batch:
         out["document_ids"] = pad(batch["document_ids"], (0, extra), value=-1)
     return out
