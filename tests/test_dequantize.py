@@ -19,7 +19,8 @@ def test_dequantized_layers_train_exactly_like_bitsandbytes():
         module = make_module(dequantize_once=once, learning_rate=1e-2, compute_dtype="float32", tf32=False)
         layers = four_bit_layers(module.model)
         assert len(layers) == 14 and all((getattr(m, "_dequantized", None) is not None) == once for m in layers)
-        batch = emoji_batch(module.tokenizer, 8)
+        device = next(module.model.parameters()).device  # CUDA on the GPU host
+        batch = {k: v.to(device) for k, v in emoji_batch(module.tokenizer, 8).items()}
         runs[once] = (train(module, batch, 3), module.adapter_state_dict(), module.state_dict())
     (plain_losses, plain_weights, plain_state), (once_losses, once_weights, once_state) = runs[False], runs[True]
     assert plain_losses[-1] != pytest.approx(plain_losses[0], rel=1e-4)  # the adapters trained
