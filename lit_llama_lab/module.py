@@ -237,28 +237,28 @@ class QLoRAModule(L.LightningModule):
         log.info("Attention: sdpa with the packed-batch mask (FlashAttention varlen is off: %s).", reason)
         return "sdpa"
 
+    def _switch(self, name: str, strategy, fsdp_reason: str) -> bool | None:
+        """A ``true | false | auto`` setting: its bool, or None for ``auto``; bad values and ``true`` under FSDP
+        (for ``fsdp_reason``) are refused."""
+        setting = self.hparams[name]
+        if setting not in (True, False, "auto"):
+            raise ValueError(f"{name}={setting!r}: use true, false or auto.")
+        if setting is True and is_fsdp(strategy):
+            raise ValueError(f"{name}=true is not supported under FSDP ({fsdp_reason}); use --model.{name} false.")
+        return None if setting == "auto" else setting
+
     def use_compile(self, base, strategy) -> bool:
         """Whether to compile the decoder layers (the ``compile`` setting resolved; see the class docstring)."""
-        setting = self.hparams.compile
-        if setting not in (True, False, "auto"):
-            raise ValueError(f"compile={setting!r}: use true, false or auto.")
-        if setting is True and is_fsdp(strategy):
-            raise ValueError("compile=true is not supported under FSDP here (compiled layers inside FSDP units); "
-                             "use --model.compile false.")
-        if setting != "auto":
+        setting = self._switch("compile", strategy, "compiled layers inside FSDP units")
+        if setting is not None:
             return setting
         on_gpu = next(base.parameters()).is_cuda
         return on_gpu and self.trainer_world_size() == 1 and base.config.hidden_size >= 1024
 
     def use_dequantize_once(self, base, strategy) -> bool:
         """Whether to keep the 4-bit weights dequantized (the ``dequantize_once`` setting resolved)."""
-        setting = self.hparams.dequantize_once
-        if setting not in (True, False, "auto"):
-            raise ValueError(f"dequantize_once={setting!r}: use true, false or auto.")
-        if setting is True and is_fsdp(strategy):
-            raise ValueError("dequantize_once=true is not supported under FSDP (each rank would hold every full "
-                             "weight); use --model.dequantize_once false.")
-        if setting != "auto":
+        setting = self._switch("dequantize_once", strategy, "each rank would hold every full weight")
+        if setting is not None:
             return setting
         on_gpu = next(base.parameters()).is_cuda
         return on_gpu and not is_fsdp(strategy) and 0 < dequantized_bytes(base) <= 2**30
