@@ -413,8 +413,9 @@ def bench(
 
 
 def _bench_isolated(arguments: dict, paths: list[str], output: str | None) -> dict:
-    """:func:`bench` with each path in a child process (same arguments, one path, ``isolate=False``); the results
-    are merged in order. A child that fails or dies becomes that path's ``error`` entry."""
+    """:func:`bench` with each path in a child process (same arguments, one path, ``isolate=False``, this process's
+    CPU thread count, which decides how CPU matmuls sum); the results are merged in order. A child that fails or dies
+    becomes that path's ``error`` entry."""
     import subprocess
     import sys
 
@@ -422,7 +423,8 @@ def _bench_isolated(arguments: dict, paths: list[str], output: str | None) -> di
     with tempfile.TemporaryDirectory(prefix="lit-bench-") as tmp:
         for i, path in enumerate(paths):
             child = {**arguments, "paths": path, "isolate": False, "output": str(Path(tmp) / f"{i}.json")}
-            code = "import json, sys; from lit_llama_lab.bench import bench; bench(**json.loads(sys.argv[1]))"
+            code = (f"import json, sys, torch; torch.set_num_threads({torch.get_num_threads()}); "
+                    "from lit_llama_lab.bench import bench; bench(**json.loads(sys.argv[1]))")
             last = "no output"
             with subprocess.Popen([sys.executable, "-c", code, json.dumps(child)], stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True) as run:
