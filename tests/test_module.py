@@ -68,7 +68,8 @@ def test_checkpoint_missing_adapter_weights_is_refused():
 def test_smollm2_4bit_loss_falls_on_fixed_batch():
     torch.manual_seed(0)
     module = make_module("smollm2-135m", learning_rate=2e-3, compute_dtype="float32")
-    batch = emoji_batch(module.tokenizer, 8)
+    device = next(module.model.parameters()).device  # CUDA on the GPU host
+    batch = {k: v.to(device) for k, v in emoji_batch(module.tokenizer, 8).items()}
     optimizer = module.configure_optimizers()
     frozen = {n: p.detach().clone() for n, p in module.named_parameters() if not p.requires_grad and p.dtype.is_floating_point}
     losses = []
