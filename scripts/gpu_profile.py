@@ -2,7 +2,8 @@
 the kernels one step launches, and the cost of validation and of the sample generations, on real batches of a
 config; each for 4-bit layers dequantized at every use and once (``--model.dequantize_once``).
 
-    python scripts/gpu_profile.py --config configs/emoji.yaml [overrides...]
+    python scripts/gpu_profile.py --config configs/emoji.yaml [overrides, e.g. --model.tf32 false]
+    DEQUANTIZE_ONCE=true python scripts/gpu_profile.py ...   # one setting only (default: false,true)
 """
 
 import collections
@@ -91,8 +92,6 @@ def kernel_census(module, batches, optimizer, steps: int = 3) -> None:
 
 def main():
     chats = [[{"role": "user", "content": f"What is {e}?"}] for e in "🐼🇺🇸🎂🤌👋🏽🦩🧑‍🚀"] + [[{"role": "user", "content": "Hi"}]]
-    if os.environ.get("TF32"):  # TF32=1: tensor cores for the fp32 (adapter) matmuls
-        torch.set_float32_matmul_precision("high")
     for once in [v == "true" for v in os.environ.get("DEQUANTIZE_ONCE", "false,true").split(",")]:
         cli = LabCLI(QLoRAModule, ChatDataModule, args=[*sys.argv[1:], "--model.dequantize_once", str(once).lower()],
                      run=False)
