@@ -10,6 +10,9 @@ from lit_llama_lab.fsdp import is_fsdp
 from lit_llama_lab.generation import generate
 
 DEFAULT_EMOJI = ["🐼", "🇺🇸", "🎂", "🤌", "👋🏽", "🦩", "🧑‍🚀"]
+# Ordinary questions beside the task's: a tuned model that answers them with the task's template (template leakage)
+# shows here while it trains. None is in the general evaluation suite or the replay pool.
+DEFAULT_PROMPTS = ["Who painted the Mona Lisa?", "What is 15 plus 27?", "Give me two tips for a job interview."]
 
 
 def markdown_table(rows: list[tuple[str, str]], header: tuple[str, str] = ("prompt", "answer")) -> str:
@@ -30,7 +33,8 @@ class SampleGenerations(Callback):
 
     Args:
         emoji: emoji to ask about.
-        prompts: free prompts asked as they are.
+        prompts: free prompts asked as they are (default: :data:`DEFAULT_PROMPTS`, ordinary questions that show
+            whether the model still chats; ``[]`` for none).
         max_new_tokens: answer length cap (generation runs on the training device; keep it small).
         every_n_validations: generate after every n-th validation only (each costs seconds of eager decoding), and
             always after the last one of the run.
@@ -43,7 +47,7 @@ class SampleGenerations(Callback):
         self.every_n_validations = every_n_validations
         self.validations = 0
         self.emoji = list(DEFAULT_EMOJI if emoji is None else emoji)
-        self.prompts = list(prompts or [])
+        self.prompts = list(DEFAULT_PROMPTS if prompts is None else prompts)
         self.max_new_tokens = max_new_tokens
         self.table: str | None = None
         self.rows: list[tuple[str, str]] = []

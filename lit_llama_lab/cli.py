@@ -30,6 +30,10 @@ class LabCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.name_or_path", "data.tokenizer")
         parser.link_arguments("model.attn_implementation", "data.attn_implementation")
+        # replay answers come from the model training starts from: base + init_adapter, or the base
+        parser.link_arguments(("model.name_or_path", "model.init_adapter"), "data.replay.model",
+                              compute_fn=starting_model)
+        parser.link_arguments("model.quantize", "data.replay.quantize")
 
     def before_instantiate_classes(self) -> None:
         """``--trainer.strategy fsdp`` means :class:`lit_llama_lab.fsdp.QLoRAFSDPStrategy` (adapter-only checkpoints)."""
@@ -38,6 +42,11 @@ class LabCLI(LightningCLI):
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         if config is not None and config.get("trainer.strategy") == "fsdp":
             config["trainer.strategy"] = Namespace(class_path=FSDP_STRATEGY, init_args=Namespace())
+
+
+def starting_model(name_or_path: str, init_adapter: str | None) -> str:
+    """The model training starts from: the init adapter's folder (its base comes with it) or the base."""
+    return init_adapter or name_or_path
 
 
 def run_tool(name: str, args: list[str]) -> None:

@@ -7,9 +7,9 @@ batched) and writes ``metrics.json``, ``answers.jsonl`` and ``report.md`` per (m
 
 from __future__ import annotations
 
+import functools
 import json
 import math
-import os
 import random
 import re
 from collections.abc import Sequence
@@ -21,15 +21,19 @@ from torchmetrics import Metric
 from torchmetrics.aggregation import MeanMetric
 
 from lit_llama_lab.data.emoji import HELDOUT_WORDINGS, TRAIN_WORDINGS, build_emoji_rows, emoji_messages
+from lit_llama_lab.io import write_atomic  # noqa: F401  (re-exported: callers import it from here)
 
 Split = Literal["test", "train", "val", "all"]
 Wordings = Literal["train", "heldout"]
 SPLITS = ("test", "train", "val", "all")
+Suite = Literal["emoji", "general"]
+SUITES = ("emoji", "general")
 # The emoji of the original work's screenshots: always shown in the report, evaluated or not.
 SHOWCASE = ("🐼", "🇺🇸", "🎂", "🤌")
 # metrics.json key -> (table header, format)
 METRIC_COLUMNS = {
     "name_accuracy": ("name accuracy", "{:.1%}"),
+    "name_accuracy_lenient": ("lenient (substring, old)", "{:.1%}"),
     "eos_rate": ("eos termination", "{:.1%}"),
     "mean_answer_tokens": ("mean answer tokens", "{:.1f}"),
     "perplexity": ("reference perplexity", "{:.2f}"),
@@ -41,23 +45,81 @@ def normalize(text: str) -> str:
     return re.sub(r"\s+", " ", text.replace("\u2019", "'").replace("\u2018", "'")).casefold().strip()
 
 
-def names_emoji(answer: str, name: str) -> bool:
-    """True when the emoji's short name (``flag: United States``) appears in ``answer``, ignoring case."""
+WORD = re.compile(r"\w+|[#*]|[.!?\n]")  # name words (keycaps keep # and *), and sentence ends
+NAME_STARTS = frozenset({"the", "a", "an", "called", "named"})
+NAME_ENDS = frozenset({"emoji", "emojis", ".", "!", "?", "\n"})
+MAX_NAME_WORDS = 16
+
+
+def name_words(text: str) -> tuple[str, ...]:
+    """A name as comparable words: casefolded, punctuation dropped (``#`` and ``*`` of keycaps kept), a leading
+    ``flag`` dropped (``flag: United States`` → ``united states``)."""
+    return _phrase(WORD.findall(normalize(text)))
+
+
+@functools.lru_cache(maxsize=1)
+def known_names() -> frozenset[tuple[str, ...]]:
+    """Every emoji's CLDR short name as :func:`name_words`: what an answer can state as a name."""
+    return frozenset(name_words(row["short description"]) for row in build_emoji_rows())
+
+
+def stated_name(answer: str, known: frozenset[tuple[str, ...]] | None = None) -> tuple[str, ...] | None:
+    """The emoji name ``answer`` states first, as :func:`name_words`, or None when it states none.
+
+    A name is stated as a phrase that starts after ``the``/``a``/``an``/``called``/``named`` or at the start of a
+    sentence, and ends before the word ``emoji`` or at a sentence end: "🐼 is *the panda* emoji.", "It is called
+    *panda*.". Of the phrases ending at the first end that closes a known name, the longest known one is the stated
+    name, so "the sign of the horns emoji" states "sign of the horns", not "horns", and "the woman pouting emoji"
+    states "woman pouting", never "man pouting".
+    """
+    known = known_names() if known is None else known
+    tokens = WORD.findall(normalize(answer))
+    starts = [-1]  # a phrase starts after one of these token positions
+    for at, token in enumerate(tokens):
+        if token in NAME_ENDS or at == len(tokens) - 1:
+            end = at if token in NAME_ENDS else at + 1
+            found = [words for s in starts if 0 < len(words := _phrase(tokens[s + 1:end])) <= MAX_NAME_WORDS
+                     and words in known]
+            if found:
+                return max(found, key=len)
+        if token in NAME_STARTS or token in ".!?\n":
+            starts.append(at)
+    return None
+
+
+def _phrase(tokens: list[str]) -> tuple[str, ...]:
+    words = [t for t in tokens if t not in ".!?\n"]
+    return tuple(words[1:] if words[:1] == ["flag"] and len(words) > 1 else words)
+
+
+def names_emoji(answer: str, name: str, known: frozenset[tuple[str, ...]] | None = None) -> bool:
+    """Strict: True when the name ``answer`` states (:func:`stated_name`) equals the emoji's short name, word for
+    word (case, punctuation and the ``flag:`` prefix ignored). A reference that only appears inside another name
+    ("man pouting" in "woman pouting", "ox" in "bento box") does not count."""
+    target = name_words(name)
+    return stated_name(answer, (known_names() if known is None else known) | {target}) == target
+
+
+def names_emoji_lenient(answer: str, name: str) -> bool:
+    """The previous scoring, reported beside the strict one for one release: the short name appears anywhere in
+    ``answer`` as a substring, ignoring case."""
     return normalize(name) in normalize(answer)
 
 
 class EmojiAnswerMetrics(Metric):
-    """Counts over generated answers: how many name the emoji, how many ended with eos, and their token total.
+    """Counts over generated answers: how many name the emoji (strictly, and by the old substring rule), how many
+    ended with eos, and their token total.
 
-    ``compute()`` returns ``name_accuracy`` and ``eos_rate`` (fractions), ``mean_answer_tokens`` and the raw
-    counts ``named``, ``stopped``, ``answers``.
+    ``compute()`` returns ``name_accuracy`` (strict, :func:`names_emoji`), ``name_accuracy_lenient``
+    (:func:`names_emoji_lenient`) and ``eos_rate`` (fractions), ``mean_answer_tokens`` and the raw counts ``named``,
+    ``named_lenient``, ``stopped``, ``answers``.
     """
 
     full_state_update = False
 
     def __init__(self, **kwargs) -> None:
         super().__init__(**kwargs)
-        for state in ("named", "stopped", "tokens", "answers"):
+        for state in ("named", "named_lenient", "stopped", "tokens", "answers"):
             self.add_state(state, default=torch.tensor(0), dist_reduce_fx="sum")
 
     def update(self, answers: Sequence[str], names: Sequence[str], stopped: Sequence[bool],
@@ -66,6 +128,7 @@ class EmojiAnswerMetrics(Metric):
         if not len(answers) == len(names) == len(stopped) == len(lengths):
             raise ValueError("answers, names, stopped and lengths must have the same length.")
         self.named += sum(names_emoji(a, n) for a, n in zip(answers, names, strict=True))
+        self.named_lenient += sum(names_emoji_lenient(a, n) for a, n in zip(answers, names, strict=True))
         self.stopped += sum(bool(s) for s in stopped)
         self.tokens += sum(int(n) for n in lengths)
         self.answers += len(answers)
@@ -74,9 +137,11 @@ class EmojiAnswerMetrics(Metric):
         total = self.answers.clamp(min=1).float()
         return {
             "name_accuracy": self.named / total,
+            "name_accuracy_lenient": self.named_lenient / total,
             "eos_rate": self.stopped / total,
             "mean_answer_tokens": self.tokens / total,
             "named": self.named,
+            "named_lenient": self.named_lenient,
             "stopped": self.stopped,
             "answers": self.answers,
         }
@@ -160,6 +225,7 @@ def answer_rows(model, tokenizer, rows: Sequence[dict], chats: Sequence[list[dic
             records.append({
                 "emoji": row["character"], "name": row["short description"], "question": chat[0]["content"],
                 "answer": out.text, "named": names_emoji(out.text, row["short description"]),
+                "named_lenient": names_emoji_lenient(out.text, row["short description"]),
                 "stopped": out.stopped, "tokens": len(out.token_ids),
             })
     return records
@@ -171,17 +237,6 @@ def score(records: Sequence[dict]) -> dict[str, float | int]:
     metric.update([r["answer"] for r in records], [r["name"] for r in records],
                   [r["stopped"] for r in records], [r["tokens"] for r in records])
     return {k: v.item() for k, v in metric.compute().items()}
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary sibling and a rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _cell(value) -> str:
@@ -301,15 +356,20 @@ def evaluate(
     seed: int = 42,
     test_fraction: float = 0.2,
     val_fraction: float = 0.02,
-    emoji_answer: Literal["name", "description"] = "name",
+    emoji_answer: Literal["name", "name_fact", "description"] = "name",
     examples: int = 10,
     quantize: Literal["nf4", "fp4", "none"] | None = None,
+    suite: Suite | list[Suite] = "emoji",
+    general_max_new_tokens: int = 128,
 ) -> list[dict]:
-    """Measure how well models name emoji: name accuracy, eos termination, answer length, reference perplexity.
+    """Measure how well models name emoji (strict name accuracy, the old lenient figure beside it, eos termination,
+    answer length, reference perplexity) and how well they still answer ordinary questions (the general suite:
+    accuracy, template leakage).
 
-    Every combination of ``model``, ``split`` and ``wordings`` is one result, written to
-    ``<output_dir>/<model>-<split>-<wordings>/`` (metrics.json, answers.jsonl, report.md); with more than one,
-    a comparison table goes to ``<output_dir>/summary.md``. Tables are printed too.
+    For ``suite: emoji`` every combination of ``model``, ``split`` and ``wordings`` is one result, written to
+    ``<output_dir>/<model>-<split>-<wordings>/`` (metrics.json, answers.jsonl, report.md); ``suite: general`` adds
+    one result per model in ``<output_dir>/<model>-general-suite/``. With more than one result, comparison tables
+    go to ``<output_dir>/summary.md``. Tables are printed too.
 
     Args:
         model: a base model (``smollm2-135m``, an HF folder, a .gguf, a hub id) or an adapter/checkpoint folder;
@@ -328,36 +388,54 @@ def evaluate(
         emoji_answer: the training run's ``data.emoji_answer``: the reference answers for perplexity.
         examples: how many answers the report shows (the showcase emoji 🐼 🇺🇸 🎂 🤌 are always added).
         quantize: base weights as ``nf4``, ``fp4`` or ``none``; unset: as the adapter was trained (else nf4).
+        suite: ``emoji`` (the splits and wordings above), ``general`` (the bundled general-ability suite: 192
+            ordinary prompts with checkable answers, none about emoji) or both, ``[emoji,general]``.
+        general_max_new_tokens: answer budget of the general suite.
 
     Returns the list of results (the metrics.json contents).
     """
+    from lit_llama_lab.general_eval import evaluate_general, general_table
     from lit_llama_lab.models import load_for_inference
 
-    models, splits, wordings_list = ([x] if isinstance(x, str) else list(x) for x in (model, split, wordings))
-    _check_arguments(splits, wordings_list, limit, max_new_tokens, batch_size)
+    models, splits, wordings_list, suites = ([x] if isinstance(x, str) else list(x)
+                                             for x in (model, split, wordings, suite))
+    _check_arguments(splits, wordings_list, limit, max_new_tokens, batch_size, suites, general_max_new_tokens)
     check_models(models)
     settings = {"limit": limit, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": seed,
-                "test_fraction": test_fraction, "val_fraction": val_fraction, "emoji_answer": emoji_answer}
+                "test_fraction": test_fraction, "val_fraction": val_fraction, "emoji_answer": emoji_answer,
+                "general_max_new_tokens": general_max_new_tokens}
     torch.manual_seed(seed)
     results = []
     for name in models:
         loaded, tokenizer = load_for_inference(name, quantize=quantize)
-        for part in splits:
-            for words in wordings_list:
-                folder = Path(output_dir) / run_name(name, part, words)
-                result = evaluate_split(loaded, tokenizer, name, part, words, settings, folder, examples)
-                print(f"\n{folder}/report.md\n{metrics_table([result])}")
-                results.append(result)
+        for part, words in ([(p, w) for p in splits for w in wordings_list] if "emoji" in suites else []):
+            folder = Path(output_dir) / run_name(name, part, words)
+            result = evaluate_split(loaded, tokenizer, name, part, words, settings, folder, examples)
+            print(f"\n{folder}/report.md\n{metrics_table([result])}")
+            results.append(result)
+        if "general" in suites:
+            folder = Path(output_dir) / run_name(name, "general", "suite")
+            result = evaluate_general(loaded, tokenizer, name, settings, folder, examples)
+            print(f"\n{folder}/report.md\n{general_table([result])}")
+            results.append(result)
         del loaded
     if len(results) > 1:
-        table = metrics_table(results)
-        write_atomic(Path(output_dir) / "summary.md", "# Emoji evaluation\n\n" + table)
+        emoji = [r for r in results if r.get("suite") != "general"]
+        general = [r for r in results if r.get("suite") == "general"]
+        table = "\n".join([f"## Emoji\n\n{metrics_table(emoji)}"] * bool(emoji)
+                          + [f"## General-ability suite\n\n{general_table(general)}"] * bool(general))
+        write_atomic(Path(output_dir) / "summary.md", "# Evaluation\n\n" + table)
         print(f"\n{Path(output_dir) / 'summary.md'}\n{table}")
     return results
 
 
 def _check_arguments(splits: Sequence[str], wordings: Sequence[str], limit: int | None, max_new_tokens: int,
-                     batch_size: int) -> None:
+                     batch_size: int, suites: Sequence[str] = ("emoji",), general_max_new_tokens: int = 1) -> None:
+    unknown = [s for s in suites if s not in SUITES]
+    if unknown or not suites:
+        raise ValueError(f"Unknown suite {unknown or suites}: use {', '.join(SUITES)}, or both as [emoji,general].")
+    if general_max_new_tokens < 1:
+        raise ValueError(f"general_max_new_tokens must be at least 1, got {general_max_new_tokens}.")
     bad = [s for s in splits if s not in SPLITS] + [w for w in wordings if w not in ("train", "heldout")]
     if bad:
         raise ValueError(f"Unknown split or wordings {bad}: splits are {', '.join(SPLITS)}; wordings train, heldout.")

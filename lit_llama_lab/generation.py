@@ -37,11 +37,13 @@ def generate(
     min_p: float | None = None,
     batch_size: int = 16,
     streamer=None,
+    progress: str | None = None,
 ) -> list[Generation]:
     """Answer each chat; greedy when ``temperature`` is 0. Batched with left padding, stops at eos.
 
     ``streamer`` (e.g. transformers' ``TextIteratorStreamer``) receives tokens as they come; it needs a single
-    chat. The model's training/eval mode is restored afterwards. Runs eagerly even when training compiled the
+    chat. ``progress``: a progress bar of that title over the batches. The model's training/eval mode is restored
+    afterwards. Runs eagerly even when training compiled the
     decoder layers: a growing KV cache would recompile them at every new length. A model training with FlashAttention
     varlen (:data:`lit_llama_lab.fast.VARLEN`) generates through sdpa, then gets varlen back: transformers builds no
     mask for varlen, so the left padding here would be attended to.
@@ -60,7 +62,12 @@ def generate(
     results: list[Generation] = []
     try:
         with torch.compiler.set_stance("force_eager"):
-            for start in range(0, len(chats), batch_size):
+            starts = range(0, len(chats), batch_size)
+            if progress:
+                from tqdm.auto import tqdm
+
+                starts = tqdm(starts, desc=progress, unit="batch")
+            for start in starts:
                 prompts = [chat_prompt_ids(tokenizer, chat) for chat in chats[start:start + batch_size]]
                 width = max(map(len, prompts))
                 input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)

@@ -33,6 +33,7 @@ from lit_llama_lab.fast import (
 )
 from lit_llama_lab.fsdp import check_strategy, clean_name, is_fsdp, wrap_for_fsdp
 from lit_llama_lab.graphs import GraphedLoss
+from lit_llama_lab.init_adapter import load_init_adapter
 from lit_llama_lab.models import load_base_model, resolve_compute_dtype, resolve_quant_storage
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,10 @@ class QLoRAModule(L.LightningModule):
             a process-wide setting): with fp32 activations these are the adapters' matmuls, which otherwise run on
             plain fp32 cores. Inputs keep 10 mantissa bits and sums stay fp32: finer than the bf16 the plain stack
             computes them in under autocast. The 4-bit base matmuls run in the compute dtype either way.
+        init_adapter: an adapter folder (a checkpoint's ``last/``, an export's adapter) whose weights the new adapters
+            start from, e.g. a chat adapter trained with ``configs/finetome.yaml`` before the emoji run. Its base,
+            rank, alpha, rsLoRA/DoRA and target modules must be this run's (refused otherwise, naming both values).
+            The replay answers (``--data.replay``) then come from base + this adapter.
     """
 
     def __init__(
@@ -161,6 +166,7 @@ class QLoRAModule(L.LightningModule):
         compile: bool | Literal["auto"] = "auto",
         dequantize_once: bool | Literal["auto"] = "auto",
         tf32: bool = True,
+        init_adapter: str | None = None,
     ) -> None:
         super().__init__()
         self.lora = lora or LoraArgs()
@@ -214,6 +220,9 @@ class QLoRAModule(L.LightningModule):
             base.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs=checkpoint_kwargs(compiled, preserve_rng_state=not self.hparams.cuda_graphs))
         self.model = get_peft_model(base, self.lora.peft_config())
+        if self.hparams.init_adapter:
+            loaded = load_init_adapter(self.model, self.hparams.init_adapter, self.hparams.name_or_path, self.lora)
+            log.info("Adapters start from %s (%d tensors).", self.hparams.init_adapter, loaded)
         if self.use_dequantize_once(base, strategy):
             cache_dequantized_weights(self.model)
         if compiled:

@@ -140,7 +140,9 @@ def main():
     out, args = sys.argv[1], sys.argv[2:]
     cli = LabCLI(QLoRAModule, ChatDataModule, args=args[1:], run=False)
     data, module = cli.datamodule, cli.model
-    data.setup("fit")
+    setup_start = time.perf_counter()
+    data.setup("fit")  # tokenizing, and with --data.replay.ratio the replay answers (generated once, then cached)
+    setup_seconds = time.perf_counter() - setup_start
     epoch_tokens = sum(len(e["input_ids"]) for e in data.splits["train"])
     timer = PhaseTimer()
     cli.trainer.callbacks.insert(0, timer)  # first: its validation end is timed before samples and checkpoints
@@ -159,7 +161,7 @@ def main():
     timer.seconds["after_train_end"] = time.perf_counter() - timer.train_end
     tokens = epoch_tokens * max(1, cli.trainer.current_epoch)
     result = {"args": args, "epochs": cli.trainer.current_epoch, "steps": cli.trainer.global_step,
-              "train_seconds": seconds, "phases": timer.seconds, "batch_shapes": len(timer.shapes),
+              "train_seconds": seconds, "data_setup_seconds": setup_seconds, "phases": timer.seconds, "batch_shapes": len(timer.shapes),
               "train_tokens": tokens, "tokens_per_s": tokens / seconds,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
               "val_loss": float(cli.trainer.callback_metrics.get("val_loss", float("nan"))),

@@ -16,6 +16,8 @@ from lit_llama_lab.evaluate import (
     emoji_split,
     evaluate,
     names_emoji,
+    names_emoji_lenient,
+    normalize,
     question_chats,
     sample_rows,
 )
@@ -25,10 +27,37 @@ from lit_llama_lab.models import ModelNotFoundError
 def test_names_emoji_hit_miss_and_case():
     assert names_emoji("🐼 is the panda emoji.", "panda")
     assert names_emoji("This is the FLAG: united states emoji", "flag: United States")
-    assert names_emoji("It shows eight o'clock.", "eight o’clock")  # typographic apostrophe in CLDR names
+    assert names_emoji("🕗 is the eight o'clock emoji.", "eight o’clock")  # typographic apostrophe in CLDR names
+    assert names_emoji("It is called panda.", "panda")
+    assert names_emoji("🤘 is the sign of the horns emoji.", "sign of the horns")  # "the" inside the name
+    assert names_emoji("🅰️ is the A button (blood type) emoji.", "A button (blood type)")
+    assert names_emoji("🇸🇭 (SH) is the flag: St. Helena emoji.", "flag: St. Helena")  # a dot inside the name
     assert not names_emoji("This is a red panda.", "giant panda")
     assert not names_emoji("a flag of the USA", "flag: United States")
     assert not names_emoji("", "panda")
+    assert not names_emoji("#️⃣ is the keycap: # emoji.", "keycap: *")
+    assert names_emoji_lenient("It shows eight o'clock.", "eight o’clock")
+
+
+def test_strict_scoring_rejects_a_trained_neighbour_the_old_scorer_accepted():
+    """The traps of the held-out split: the reference lies inside a trained emoji's name, so answering with that
+    neighbour passed the substring rule."""
+    traps = [("🙎‍♂️ is the woman pouting emoji.", "man pouting"), ("🐂 is the bento box emoji.", "ox"),
+             ("🦉 is the bowling emoji.", "owl"),
+             ("💏🏻 is the kiss: woman, man, light skin tone, medium skin tone emoji.", "kiss: woman, man, light skin tone"),
+             ("🤘 is the sign of the horns emoji.", "horns")]
+    for answer, name in traps:
+        assert names_emoji_lenient(answer, name), answer
+        assert not names_emoji(answer, name), answer
+    # on the real split: every held-out name inside a trained name is a trap the strict rule refuses
+    train = [r["short description"] for r in emoji_split("train")]
+    test = [r["short description"] for r in emoji_split("test")]
+    pairs = [(t, n) for t in test for n in train if normalize(t) in normalize(n) and t != n]
+    assert len({t for t, _ in pairs}) > 100
+    for name, neighbour in pairs:
+        answer = f"It is the {neighbour} emoji."
+        assert names_emoji_lenient(answer, name) and not names_emoji(answer, name), (name, neighbour)
+        assert names_emoji(f"It is the {name} emoji.", name)
 
 
 def test_metric_counts_hand_made_answers():
@@ -99,8 +128,8 @@ def test_end_to_end_tiny_random_writes_results(tiny_run):
     assert sorted(p.name for p in folder.iterdir()) == ["answers.jsonl", "metrics.json", "report.md"]  # no temp files
     saved = json.loads((folder / "metrics.json").read_text())
     assert saved == results[0]
-    assert set(saved["metrics"]) == {"name_accuracy", "eos_rate", "mean_answer_tokens", "perplexity", "named",
-                                     "stopped", "answers"}
+    assert set(saved["metrics"]) == {"name_accuracy", "name_accuracy_lenient", "eos_rate", "mean_answer_tokens",
+                                     "perplexity", "named", "named_lenient", "stopped", "answers"}
     metrics = saved["metrics"]
     assert metrics["answers"] == 6 and 0 <= metrics["name_accuracy"] <= 1 and 0 <= metrics["eos_rate"] <= 1
     assert math.isfinite(metrics["perplexity"]) and metrics["perplexity"] > 1
@@ -110,7 +139,7 @@ def test_end_to_end_tiny_random_writes_results(tiny_run):
     assert metrics["stopped"] == sum(r["stopped"] for r in records)
     assert all(r["tokens"] <= 4 for r in records)
     report = (folder / "report.md").read_text()
-    assert "| name accuracy | eos termination |" in report
+    assert "| name accuracy | lenient (substring, old) | eos termination |" in report
     assert all(f"| {e} |" in report for e in SHOWCASE)
     heldout = [json.loads(line) for line in (out / "tiny-random-test-heldout" / "answers.jsonl").read_text().splitlines()]
     assert [r["emoji"] for r in heldout] == [r["emoji"] for r in records]  # same sample, other wordings
@@ -169,7 +198,7 @@ def test_smollm2_base_eos_termination_is_counted():
     records = answer_rows(model, tokenizer, rows, chats, max_new_tokens, batch_size=5)
     metrics = score(records)
     assert sorted(r["emoji"] for r in records[:4]) == sorted(SHOWCASE)
-    assert records[-1]["stopped"] and records[-1]["named"]  # "2 + 2 = 4" then eos
+    assert records[-1]["stopped"] and records[-1]["named_lenient"]  # "2 + 2 = 4" then eos (no name is stated)
     assert metrics["answers"] == 5 and metrics["stopped"] == sum(r["stopped"] for r in records) >= 1
     assert metrics["eos_rate"] == pytest.approx(metrics["stopped"] / 5)
     # An answer ended with eos exactly when it used less than the budget (eos itself is not counted).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+from dataclasses import dataclass
 from typing import Literal
 
 import lightning as L
@@ -28,11 +29,33 @@ from lit_llama_lab.data.packing import (
     pack_balanced,
     packed_attention_mask,
 )
+from lit_llama_lab.data.replay import answer_prompts, load_prompts, prompts_needed, replay_chats, replay_count
 from lit_llama_lab.data.sampler import ResumableDataLoader
 from lit_llama_lab.fast import check_documents
 
 log = logging.getLogger(__name__)
 TOKENIZE_VERSION = "1"  # bump when Tokenize's output changes, to invalidate cached tokenizations
+
+
+@dataclass(frozen=True)
+class ReplayArgs:
+    """Replay of the starting model's own answers to general prompts, mixed into training so a task run keeps the
+    assistant (:mod:`lit_llama_lab.data.replay`).
+
+    Args:
+        ratio: share of the training examples that are replay chats, in [0, 1); 0 turns replay off.
+        prompts: a .jsonl file of ``{"prompt": ...}`` rows to draw from; default: the bundled pool of general prompts
+            (disjoint from the general evaluation suite).
+        max_new_tokens: answer budget; answers that do not end within it are not used.
+        model: the model that answers: linked to the model's ``init_adapter`` when one is set, else its base.
+        quantize: the answering model's 4-bit format, linked to the model's ``quantize``.
+    """
+
+    ratio: float = 0.0
+    prompts: str | None = None
+    max_new_tokens: int = 160
+    model: str | None = None
+    quantize: Literal["nf4", "fp4", "none"] = "nf4"
 
 
 class NoTrainableTokensError(ValueError):
@@ -119,7 +142,10 @@ class ChatDataModule(L.LightningDataModule):
         test_fraction: share of rows held out for testing, never trained on.
         val_fraction: share of rows (taken from the training part) used for validation.
         seed: seeds the split and the emoji wording choice.
-        emoji_answer: ``name`` ("🐼 is the panda emoji.") or ``description`` (the LLM description column).
+        emoji_answer: ``name`` ("🐼 is the panda emoji."), ``name_fact`` (the name, then one short true sentence
+            from the row's LLM description) or ``description`` (the whole LLM description column).
+        replay: the starting model's answers to general prompts mixed into the training split (``ratio``) so the
+            tuned model stays a chat assistant; see :class:`ReplayArgs`.
         overlong: ``truncate`` or ``drop`` examples past ``max_seq_length``.
         strict: raise on the first malformed row instead of skipping it.
         split: which split of a hub dataset to load.
@@ -143,7 +169,8 @@ class ChatDataModule(L.LightningDataModule):
         test_fraction: float = 0.2,
         val_fraction: float = 0.02,
         seed: int = 42,
-        emoji_answer: Literal["name", "description"] = "name",
+        emoji_answer: Literal["name", "name_fact", "description"] = "name",
+        replay: ReplayArgs = ReplayArgs(),  # noqa: B008 (a frozen value: jsonargparse expands it into --data.replay.*)
         overlong: Literal["truncate", "drop"] = "truncate",
         strict: bool = False,
         split: str = "train",
@@ -160,7 +187,10 @@ class ChatDataModule(L.LightningDataModule):
             raise ValueError("test_fraction and val_fraction must be in [0, 1) and leave rows for training.")
         if max_seq_length < 2:
             raise ValueError(f"max_seq_length must be at least 2 tokens, got {max_seq_length}.")
-        self.save_hyperparameters()
+        self.replay = replay or ReplayArgs()
+        replay_count(1, self.replay.ratio)  # a bad ratio fails here, before anything loads
+        self.save_hyperparameters(ignore=["replay"])
+        self.hparams["replay"] = vars(self.replay)
         self.splits: dict = {}  # split name -> datasets.Dataset of input_ids + labels
         self.rows: dict = {}  # split name -> datasets.Dataset of the source rows
         self.stats: dict[str, dict[str, int]] = {}
@@ -232,6 +262,18 @@ class ChatDataModule(L.LightningDataModule):
         """Download (hub) or read and cache (local files) the source once, before :meth:`setup`."""
         if self.hparams.source != "emoji":
             load_source(self.hparams.source, self.hparams.split, self.hparams.subset, self.hparams.cache_dir)
+        if self.replay.ratio > 0:
+            self.replay_answers()
+
+    def replay_answers(self) -> dict[str, dict]:
+        """The answering model's cached answers to the replay prompts this run needs (generated once, on the
+        training device, the first time; see :func:`lit_llama_lab.data.replay.answer_prompts`)."""
+        h, r = self.hparams, self.replay
+        data = load_source(h.source, h.split, h.subset, h.cache_dir)
+        train_rows = len(split_indices(len(data), h.test_fraction, h.val_fraction, h.seed)["train"])
+        prompts = prompts_needed(load_prompts(r.prompts), replay_count(train_rows, r.ratio), h.seed)
+        device = self.trainer.strategy.root_device if self.trainer is not None else None
+        return answer_prompts(r.model or h.tokenizer, prompts, r.quantize, r.max_new_tokens, device)
 
     def setup(self, stage: str | None = None) -> None:
         """Load, detect the format, split and tokenize (once)."""
@@ -245,7 +287,20 @@ class ChatDataModule(L.LightningDataModule):
         picked = split_indices(len(data), h.test_fraction, h.val_fraction, h.seed)
         self.rows = {name: data.select(idx) for name, idx in picked.items()}
         self.splits = {name: self.tokenize_split(part, fmt, name) for name, part in self.rows.items()}
+        if self.replay.ratio > 0:
+            self.splits["train"] = self.with_replay(self.splits["train"])
         log.info("format %s, examples: %s", fmt, {k: len(v) for k, v in self.splits.items()})
+
+    def with_replay(self, train):
+        """``train`` plus replay chats, shuffled in by the sampler: ``replay.ratio`` of the result."""
+        import datasets
+
+        count = replay_count(len(self.rows["train"]), self.replay.ratio)  # as replay_answers counts
+        chats = replay_chats(self.replay_answers(), count, self.hparams.seed)
+        replay = self.tokenize_split([{"messages": chat} for chat in chats], "messages", "replay")
+        log.info("replay: %d chats of the answering model's own answers, %.1f%% of training examples", len(replay),
+                 100 * len(replay) / max(1, len(replay) + len(train)))
+        return datasets.concatenate_datasets([train, replay])
 
     def collate(self, examples: list[dict]) -> dict:
         """Padded rows, or examples packed into as few rows of at most ``max_seq_length`` tokens as best-fit needs,

@@ -107,9 +107,22 @@ def flag_letters(character: str) -> str | None:
     return None
 
 
+ANSWER_STYLES = ("name", "name_fact", "description")
+
+
+def row_fact(row: dict) -> str | None:
+    """One short true sentence about the emoji from its ``LLM description`` column, other than the one naming it
+    (the first sentence that contains neither the emoji nor its short name), or None when there is none."""
+    character, name = row["character"], row["short description"].casefold()
+    for sentence in re.split(r"(?<=[.!?])\s+", str(row.get("LLM description") or "").strip()):
+        if sentence and character not in sentence and name not in sentence.casefold() and len(sentence) <= 200:
+            return sentence
+    return None
+
+
 def emoji_answer(row: dict, style: str = "name") -> str:
-    """The assistant's answer: ``name`` is "{e} is the {short description} emoji.", ``description`` the full
-    LLM description column.
+    """The assistant's answer: ``name`` is "{e} is the {short description} emoji.", ``name_fact`` the same followed
+    by one short true sentence from the row (:func:`row_fact`), ``description`` the full LLM description column.
 
     The one surprising thing: a flag's answer first spells its two regional-indicator letters ("🇩🇿 (DZ) is the
     flag: Algeria emoji."). Spelling the letters is one small mapping shared by every flag, and the model already
@@ -117,11 +130,13 @@ def emoji_answer(row: dict, style: str = "name") -> str:
     """
     if style == "description":
         return row["LLM description"]
-    if style == "name":
+    if style in ("name", "name_fact"):
         letters = flag_letters(row["character"])
         code = f" ({letters})" if letters else ""
-        return f"{row['character']}{code} is the {row['short description']} emoji."
-    raise ValueError(f"Unknown emoji answer style {style!r}: use 'name' or 'description'.")
+        answer = f"{row['character']}{code} is the {row['short description']} emoji."
+        fact = row_fact(row) if style == "name_fact" else None
+        return f"{answer} {fact}" if fact else answer
+    raise ValueError(f"Unknown emoji answer style {style!r}: use one of {', '.join(ANSWER_STYLES)}.")
 
 
 def emoji_messages(row: dict, wording: str = TRAIN_WORDINGS[0], style: str = "name") -> list[dict]:
