@@ -52,24 +52,29 @@ def check_compatible(folder: Path, config: dict, saved_base: str | None, base: s
                          f"lora.target_modules are {sorted(targets)}: pass the same target modules.")
 
 
-def load_init_adapter(peft_model, folder: str | Path, base: str, lora) -> int:
-    """Copy the weights of the adapter folder ``folder`` into ``peft_model``'s freshly made adapters, after
-    :func:`check_compatible`. Returns the number of tensors loaded; raises when any adapter weight stays unset."""
-    from peft import set_peft_model_state_dict
+def read_init_adapter(folder: str | Path, base: str, lora) -> dict:
+    """The weights of the adapter folder ``folder``, after :func:`check_compatible` (so a wrong adapter is refused
+    before any model loads)."""
     from safetensors.torch import load_file
 
     folder = Path(folder).expanduser()
     config, saved_base = read_adapter_settings(folder)
     check_compatible(folder, config, saved_base, base, lora)
     try:
-        state = load_file(str(folder / "adapter_model.safetensors"))
+        return load_file(str(folder / "adapter_model.safetensors"))
     except Exception as error:  # noqa: BLE001 - a truncated or foreign file: the same fix
         raise ValueError(f"init_adapter {str(folder / 'adapter_model.safetensors')!r} cannot be read ({error}): "
                          "pick another checkpoint.") from error
+
+
+def apply_init_adapter(peft_model, state: dict, folder: str | Path) -> None:
+    """Copy adapter weights (from :func:`read_init_adapter`) into ``peft_model``'s adapters; raises when one is
+    missing or left over."""
+    from peft import set_peft_model_state_dict
+
     result = set_peft_model_state_dict(peft_model, state)
     unset = [k for k in result.missing_keys if "lora_" in k]
     if result.unexpected_keys or unset:
         raise ValueError(f"init_adapter {str(folder)!r} does not fit this model: {len(result.unexpected_keys)} "
                          f"unexpected and {len(unset)} missing adapter weights (e.g. "
                          f"{(list(result.unexpected_keys) + unset)[0]}).")
-    return len(state)

@@ -33,7 +33,7 @@ from lit_llama_lab.fast import (
 )
 from lit_llama_lab.fsdp import check_strategy, clean_name, is_fsdp, wrap_for_fsdp
 from lit_llama_lab.graphs import GraphedLoss
-from lit_llama_lab.init_adapter import load_init_adapter
+from lit_llama_lab.init_adapter import apply_init_adapter, read_init_adapter
 from lit_llama_lab.models import load_base_model, resolve_compute_dtype, resolve_quant_storage
 
 log = logging.getLogger(__name__)
@@ -192,6 +192,8 @@ class QLoRAModule(L.LightningModule):
 
         strategy = self.trainer.strategy if self._trainer is not None else None
         check_strategy(strategy)
+        init_state = (read_init_adapter(self.hparams.init_adapter, self.hparams.name_or_path, self.lora)
+                      if self.hparams.init_adapter else None)  # a wrong adapter is refused before the base loads
         compute_dtype = resolve_compute_dtype(self.hparams.compute_dtype)
         base, self.tokenizer = load_base_model(
             self.hparams.name_or_path,
@@ -220,9 +222,9 @@ class QLoRAModule(L.LightningModule):
             base.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs=checkpoint_kwargs(compiled, preserve_rng_state=not self.hparams.cuda_graphs))
         self.model = get_peft_model(base, self.lora.peft_config())
-        if self.hparams.init_adapter:
-            loaded = load_init_adapter(self.model, self.hparams.init_adapter, self.hparams.name_or_path, self.lora)
-            log.info("Adapters start from %s (%d tensors).", self.hparams.init_adapter, loaded)
+        if init_state is not None:
+            apply_init_adapter(self.model, init_state, self.hparams.init_adapter)
+            log.info("Adapters start from %s (%d tensors).", self.hparams.init_adapter, len(init_state))
         if self.use_dequantize_once(base, strategy):
             cache_dequantized_weights(self.model)
         if compiled:
