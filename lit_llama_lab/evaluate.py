@@ -292,9 +292,11 @@ def report_markdown(result: dict, records: Sequence[dict], showcase: Sequence[di
 
 
 def run_name(model: str, split: str, wordings: str) -> str:
-    """The folder name of one result: the model (a folder's last two path parts), the split and the wordings."""
+    """The folder name of one result: the model (a folder's last three path parts, so the checkpoints of two runs,
+    ``runs/a/checkpoints/last`` and ``runs/b/checkpoints/last``, get folders of their own), the split and the
+    wordings."""
     path = Path(str(model).rstrip("/"))
-    base = "-".join(path.parts[-2:]) if path.is_dir() else str(model)
+    base = "-".join(part for part in path.parts[-3:] if part != "/") if path.is_dir() else str(model)
     return re.sub(r"[^\w.\-]+", "_", f"{base}-{split}-{wordings}")
 
 

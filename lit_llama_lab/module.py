@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Literal
 
 import lightning as L
@@ -18,6 +19,7 @@ from torchmetrics.text import Perplexity
 
 from lit_llama_lab.data.masking import IGNORE_INDEX, labelled_next_tokens
 from lit_llama_lab.data.packing import pad_packed_batch
+from lit_llama_lab.distill import distilled_label_loss
 from lit_llama_lab.fast import (
     DECODER_KEYS,
     cache_dequantized_weights,
@@ -147,6 +149,9 @@ class QLoRAModule(L.LightningModule):
             start from, e.g. a chat adapter trained with ``configs/finetome.yaml`` before the emoji run. Its base,
             rank, alpha, rsLoRA/DoRA and target modules must be this run's (refused otherwise, naming both values).
             The replay answers (``--data.replay``) then come from base + this adapter.
+        distill_weight: weight of KL(base ‖ model) on the tokens of replay chats (``--data.replay.ratio`` > 0), added
+            to the cross-entropy: the base is this model with its adapters disabled, one extra forward pass without
+            gradients a step (:func:`lit_llama_lab.distill.distilled_label_loss`). 0 turns it off.
     """
 
     def __init__(
@@ -167,6 +172,7 @@ class QLoRAModule(L.LightningModule):
         dequantize_once: bool | Literal["auto"] = "auto",
         tf32: bool = True,
         init_adapter: str | None = None,
+        distill_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.lora = lora or LoraArgs()
@@ -294,16 +300,18 @@ class QLoRAModule(L.LightningModule):
         varlen = self.attention == "varlen" and "document_ids" in batch and "max_documents" in batch
         if varlen:  # the mask is neither read nor, on the graphed path, copied into the graph's inputs
             batch = {k: v for k, v in batch.items() if k != "attention_mask"}
+        distill = self.hparams.distill_weight > 0 and "distill_mask" in batch
+        loss_fn = partial(distilled_label_loss, weight=self.hparams.distill_weight) if distill else fast_label_loss
         if self.hparams.cuda_graphs and batch["input_ids"].is_cuda and self.trainer_world_size() == 1:
             if self._graphed is None:
-                self._graphed = GraphedLoss(self.model, fast_label_loss)
+                self._graphed = GraphedLoss(self.model, loss_fn)
             padded = pad_packed_batch(batch, self.hparams.graph_pad_multiple, self.tokenizer.pad_token_id)
             if varlen:
                 padded = {**padded, **varlen_keys(padded["document_ids"], batch["max_documents"])}
             return self._graphed(padded)
         if varlen:
             batch = {**batch, **varlen_keys(batch["document_ids"], batch["max_documents"])}
-        return label_loss(self.model, batch)[0]
+        return loss_fn(self.model, batch) if distill else label_loss(self.model, batch)[0]
 
     def trainer_world_size(self) -> int:
         """Processes training together (1 without a trainer). CUDA graphs are used on one process only: captured

@@ -297,10 +297,14 @@ class ChatDataModule(L.LightningDataModule):
 
         count = replay_count(len(self.rows["train"]), self.replay.ratio)  # as replay_answers counts
         chats = replay_chats(self.replay_answers(), count, self.hparams.seed)
+        if not chats:
+            return train
         replay = self.tokenize_split([{"messages": chat} for chat in chats], "messages", "replay")
         log.info("replay: %d chats of the answering model's own answers, %.1f%% of training examples", len(replay),
                  100 * len(replay) / max(1, len(replay) + len(train)))
-        return datasets.concatenate_datasets([train, replay])
+        # the flag becomes each batch's distill_mask: where the model's KL to the base is taken (model.distill_weight)
+        return datasets.concatenate_datasets([train.add_column("distill", [0] * len(train)),
+                                              replay.add_column("distill", [1] * len(replay))])
 
     def collate(self, examples: list[dict]) -> dict:
         """Padded rows, or examples packed into as few rows of at most ``max_seq_length`` tokens as best-fit needs,

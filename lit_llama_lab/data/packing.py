@@ -129,7 +129,8 @@ def collate_packed(
     """One row per bin: concatenated ``input_ids``/``labels``, restarting ``position_ids``, block-diagonal mask.
 
     Also returns ``document_ids`` so the mask can be rebuilt on another device or dtype
-    (:func:`packed_attention_mask`).
+    (:func:`packed_attention_mask`), and, when the examples carry a ``distill`` flag (replay chats), a bool
+    ``distill_mask`` over the tokens of flagged examples.
     """
     lengths = [[len(ex["input_ids"]) for ex in b] for b in bins]
     width = max(sum(row) for row in lengths)
@@ -145,13 +146,29 @@ def collate_packed(
             position_ids[r, start:start + n] = torch.arange(n)
             start += n
     doc_ids = document_ids(lengths, width)
-    return {
+    batch = {
         "input_ids": input_ids,
         "labels": labels,
         "position_ids": position_ids,
         "attention_mask": packed_attention_mask(doc_ids, attn_implementation, dtype),
         "document_ids": doc_ids,
     }
+    return with_distill_mask(batch, [list(b) for b in bins])
+
+
+def with_distill_mask(batch: dict, rows: Sequence[Sequence[dict]]) -> dict:
+    """Add ``distill_mask`` (True on the tokens of examples whose ``distill`` flag is set, laid out as the rows
+    hold them back to back) when the examples carry that flag; ``batch`` unchanged otherwise."""
+    if not rows or not rows[0] or "distill" not in rows[0][0]:
+        return batch
+    mask = torch.zeros(batch["input_ids"].shape, dtype=torch.bool)
+    for r, examples in enumerate(rows):
+        start = 0
+        for ex in examples:
+            n = len(ex["input_ids"])
+            mask[r, start:start + n] = bool(ex["distill"])
+            start += n
+    return {**batch, "distill_mask": mask}
 
 
 def pad_packed_batch(batch: dict, multiple: int, pad_id: int) -> dict:
@@ -182,6 +199,8 @@ def pad_packed_batch(batch: dict, multiple: int, pad_id: int) -> dict:
         out["attention_mask"] = new_mask
     if "document_ids" in batch:
         out["document_ids"] = pad(batch["document_ids"], (0, extra), value=-1)
+    if "distill_mask" in batch:
+        out["distill_mask"] = pad(batch["distill_mask"], (0, extra), value=False)
     return out
 
 
@@ -196,7 +215,8 @@ def collate_padded(examples: Sequence[dict], pad_id: int) -> dict:
         input_ids[r, :n] = torch.as_tensor(ex["input_ids"])
         labels[r, :n] = torch.as_tensor(ex["labels"])
         attention_mask[r, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    batch = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    return with_distill_mask(batch, [[ex] for ex in examples])
 
 
 def padding_efficiency(batch: dict) -> float:
