@@ -5,9 +5,31 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint write that failed (a full disk): nothing half-written is left, the earlier checkpoints are intact."""
+
+
+@contextmanager
+def checkpoint_write(target: Path, partial: Path) -> Iterator[None]:
+    """Around the write of ``target`` through ``partial``: a failure removes ``partial`` and is re-raised as
+    :class:`CheckpointWriteError` naming the checkpoint and the way on."""
+    try:
+        yield
+    except Exception as error:
+        raise CheckpointWriteError(
+            f"Could not write the checkpoint {target} ({type(error).__name__}: {error}). Nothing half-written is left "
+            f"and the earlier checkpoints in {target.parent} are intact. Free space (or fix the folder), then continue "
+            "with --ckpt_path last."
+        ) from error
+    finally:
+        partial.unlink(missing_ok=True)  # a success renamed it already
 
 
 def partial_name(path: Path) -> Path:

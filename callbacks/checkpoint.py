@@ -23,7 +23,12 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_utilities.core.apply_func import apply_to_collection
 
-from callbacks.adapter_folder import partial_name, replace_folder, write_peft_files  # noqa: F401 (re-exported)
+from callbacks.adapter_folder import (  # noqa: F401 (write_peft_files, replace_folder re-exported)
+    checkpoint_write,
+    partial_name,
+    replace_folder,
+    write_peft_files,
+)
 from callbacks.run_folder import RunFolderError, RunLock, check_new_run, no_checkpoint_message
 from lit_llama_lab.fsdp import gather_adapter_state_dict
 from lit_llama_lab.models import ADAPTER_METADATA
@@ -56,8 +61,10 @@ class AdapterCheckpoint(ModelCheckpoint):
     the run waits for the writes when training ends or fails. Each write stays atomic, so a crash loses only the
     queued writes, never an earlier checkpoint; a write that fails (a full disk) removes its partial file, and
     nothing queued after it runs, so the previous checkpoints stay as they were.
-    On SIGTERM (a scheduler's stop) ``last`` is written at the end of the current batch, before Lightning stops.
-    Other arguments are ModelCheckpoint's.
+    ``last`` is also written at the run's last step (``max_steps``), and on SIGTERM (a scheduler's stop) at the end
+    of the current batch, before Lightning stops.
+    ``enable_version_counter`` is off: a same-named checkpoint of this run is replaced (atomically), never made
+    ``-v1``. Other arguments are ModelCheckpoint's.
     """
 
     def __init__(
@@ -71,9 +78,9 @@ class AdapterCheckpoint(ModelCheckpoint):
         every_n_train_steps: int | None = None,
         every_n_epochs: int = 1,
         async_write: bool = True,
+        enable_version_counter: bool = False,
         **kwargs: Any,
     ) -> None:
-        kwargs.setdefault("enable_version_counter", False)  # never `last-v1`: a folder holds one run's files
         super().__init__(
             dirpath=dirpath,
             filename=filename,
@@ -83,6 +90,7 @@ class AdapterCheckpoint(ModelCheckpoint):
             save_last=save_last,
             every_n_train_steps=every_n_train_steps,
             every_n_epochs=None if every_n_train_steps else every_n_epochs,
+            enable_version_counter=enable_version_counter,  # off: never `last-v1`, a folder holds one run's files
             **kwargs,
         )
         # ModelCheckpoint takes steps or epochs; both triggers work side by side, so set the epoch one after it.
@@ -161,15 +169,17 @@ class AdapterCheckpoint(ModelCheckpoint):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         finally:
             self._in_batch_end = False
-        self._save_if_stopping(trainer)
+        self._save_if_ending(trainer)
 
-    def _save_if_stopping(self, trainer: L.Trainer) -> None:
-        """After SIGTERM, write ``last`` now: Lightning stops at the end of this batch (every process decides alike,
-        as the write is collective)."""
+    def _save_if_ending(self, trainer: L.Trainer) -> None:
+        """At the run's last step (``max_steps``) and after SIGTERM, write ``last`` now, whatever the schedule: the run
+        ends after this batch, and its final state would otherwise be lost. Every process decides alike (the write
+        is collective)."""
         stopping = trainer.received_sigterm
         if trainer.world_size > 1:
             stopping = trainer.strategy.reduce_boolean_decision(stopping, all=False)
-        if stopping and self.save_last and not self._should_skip_saving_checkpoint(trainer):
+        ending = stopping or 0 < trainer.max_steps <= trainer.global_step
+        if ending and self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _should_skip_saving_checkpoint(self, trainer: L.Trainer) -> bool:
@@ -230,13 +240,11 @@ class AdapterCheckpoint(ModelCheckpoint):
         partial = partial_name(target)
         adapter = gather_adapter_state_dict(trainer.lightning_module)  # collective under FSDP
         if not self._background(trainer):
-            try:
+            with checkpoint_write(target, partial):
                 trainer.save_checkpoint(partial, self.save_weights_only)  # collective: every rank calls, rank 0 writes
                 if trainer.is_global_zero:
                     self.write_adapter_folder(trainer, target.with_suffix(""), adapter)
                     os.replace(partial, target)
-            finally:
-                partial.unlink(missing_ok=True)  # a failed write leaves no partial file (a success renamed it)
             self._after_save(trainer, filepath)
             return
         # a snapshot in host memory (the copy waits for the GPU once); the thread only serializes and renames
@@ -250,14 +258,13 @@ class AdapterCheckpoint(ModelCheckpoint):
             if self._failed:
                 return  # an earlier write failed; its error ends the run
             try:
-                io.save_checkpoint(checkpoint, partial)
-                write_folder()
-                os.replace(partial, target)
+                with checkpoint_write(target, partial):
+                    io.save_checkpoint(checkpoint, partial)
+                    write_folder()
+                    os.replace(partial, target)
             except BaseException:
-                self._failed = True
+                self._failed = True  # nothing queued after it runs: no later write, no removal of an older checkpoint
                 raise
-            finally:
-                partial.unlink(missing_ok=True)
 
         self._run(trainer, write)
         self._after_save(trainer, filepath)
