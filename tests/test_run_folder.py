@@ -114,7 +114,7 @@ def test_ckpt_path_last_without_a_checkpoint_names_the_folder(tmp_path):
 def test_resume_refuses_settings_its_saved_state_cannot_honour(run):
     before = snapshot(run / "debug" / "checkpoints")
     done = fit(run, "--ckpt_path", "last", "--model.lora.r", "4", "--model.lora.alpha", "128",
-               "--model.lora.target_modules", "[q_proj,v_proj]", "--data.batch_size", "16")
+               "--model.lora.target_modules", "[q_proj,v_proj]", "--data.batch_size", "16", "--data.seed", "7")
     assert done.returncode != 0
     message = done.stderr
     assert "--model.lora.r: the checkpoint has 8, this run asks for 4" in message
@@ -122,6 +122,7 @@ def test_resume_refuses_settings_its_saved_state_cannot_honour(run):
     assert "--model.lora.target_modules: the checkpoint has ['q_proj'" in message
     assert "this run asks for ['q_proj', 'v_proj']" in message
     assert "--data.batch_size: the checkpoint has 8, this run asks for 16 (it stopped in epoch 0 after 3" in message
+    assert "--data.seed: the checkpoint has 42, this run asks for 7" in message
     assert "size mismatch" not in message and "Resume with the checkpoint's values" in message
     assert snapshot(run / "debug" / "checkpoints") == before
 
