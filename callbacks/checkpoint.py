@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from weakref import proxy
@@ -29,6 +28,7 @@ from callbacks.adapter_folder import (  # noqa: F401 (write_peft_files, replace_
     replace_folder,
     write_peft_files,
 )
+from callbacks.ordered_writer import OrderedWriter
 from callbacks.run_folder import RunFolderError, RunLock, check_new_run, no_checkpoint_message
 from lit_llama_lab.fsdp import gather_adapter_state_dict
 from lit_llama_lab.models import ADAPTER_METADATA
@@ -39,6 +39,15 @@ log = logging.getLogger(__name__)
 
 def _to_host(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu", copy=True)
+
+
+def validates_after_batch(trainer: L.Trainer) -> bool:
+    """Whether Lightning runs validation right after the current training batch (its own test; Lightning 2.6)."""
+    loop = trainer.fit_loop
+    try:
+        return bool(loop.epoch_loop._should_check_val_fx(loop._data_fetcher))
+    except (AttributeError, TypeError):  # another Lightning: save at the batch end, the score may be a step old
+        return False
 
 
 class AdapterCheckpoint(ModelCheckpoint):
@@ -96,9 +105,8 @@ class AdapterCheckpoint(ModelCheckpoint):
         # ModelCheckpoint takes steps or epochs; both triggers work side by side, so set the epoch one after it.
         self._every_n_epochs = every_n_epochs
         self.async_write = async_write
-        self._writer: ThreadPoolExecutor | None = None
-        self._jobs: list[Future] = []
-        self._failed = False  # a background write failed: the queued jobs after it do nothing
+        self._writer = OrderedWriter()
+        self._final_after_validation = False  # the last step's `last` waits for the validation that follows it
         self._logger_dir = dirpath is None  # the folder comes from the logger's save_dir and name
         self.resume_from: str | None = None  # the fit's ckpt_path, when LabCLI gives it (see check_fit)
         self._found_last = False  # Lightning resolved ckpt_path="last" in this folder
@@ -178,8 +186,14 @@ class AdapterCheckpoint(ModelCheckpoint):
         stopping = trainer.received_sigterm
         if trainer.world_size > 1:
             stopping = trainer.strategy.reduce_boolean_decision(stopping, all=False)
-        ending = stopping or 0 < trainer.max_steps <= trainer.global_step
-        if ending and self.save_last and not self._should_skip_saving_checkpoint(trainer):
+        final = 0 < trainer.max_steps <= trainer.global_step
+        if final and not stopping and validates_after_batch(trainer):
+            self._final_after_validation = True  # saved there, with the fresh score (and as a top-k candidate)
+        elif stopping or final:
+            self._save_last_now(trainer)
+
+    def _save_last_now(self, trainer: L.Trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _should_skip_saving_checkpoint(self, trainer: L.Trainer) -> bool:
@@ -195,6 +209,9 @@ class AdapterCheckpoint(ModelCheckpoint):
         super().on_validation_end(trainer, pl_module)
         if not self._should_save_on_train_epoch_end(trainer):
             self._save_last_if_missed(trainer)
+        if self._final_after_validation and not trainer.sanity_checking:
+            self._final_after_validation = False
+            self._save_last_now(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
@@ -215,25 +232,18 @@ class AdapterCheckpoint(ModelCheckpoint):
 
     def _run(self, trainer: L.Trainer, job) -> None:
         """Run ``job`` now, or queue it on the writer thread (in order) when writing in the background."""
-        if not self._background(trainer):
+        if self._background(trainer):
+            self._writer.submit(job)
+        else:
             job()
-            return
-        self.raise_write_errors()
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-checkpoint")
-        self._jobs.append(self._writer.submit(job))
 
     def raise_write_errors(self) -> None:
         """Re-raise the first error of a finished background write (a full disk, say) in the training thread."""
-        for job in [j for j in self._jobs if j.done()]:
-            self._jobs.remove(job)
-            job.result()
+        self._writer.raise_errors()
 
     def wait_for_writes(self) -> None:
         """Block until every queued checkpoint write and removal is on disk; re-raise the first error."""
-        jobs, self._jobs = self._jobs, []
-        for job in jobs:
-            job.result()
+        self._writer.wait()
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         target = Path(filepath)
@@ -255,28 +265,23 @@ class AdapterCheckpoint(ModelCheckpoint):
         io = trainer.strategy.checkpoint_io
 
         def write() -> None:
-            if self._failed:
-                return  # an earlier write failed; its error ends the run
-            try:
-                with checkpoint_write(target, partial):
-                    io.save_checkpoint(checkpoint, partial)
-                    write_folder()
-                    os.replace(partial, target)
-            except BaseException:
-                self._failed = True  # nothing queued after it runs: no later write, no removal of an older checkpoint
-                raise
+            with checkpoint_write(target, partial):
+                io.save_checkpoint(checkpoint, partial)
+                write_folder()
+                os.replace(partial, target)
 
         self._run(trainer, write)
         self._after_save(trainer, filepath)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
+        if self._final_after_validation:  # the validation announced did not come: save the final state now
+            self._final_after_validation = False
+            self._save_last_now(trainer)
         self.wait_for_writes()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        jobs, self._jobs = self._jobs, []
-        for job in jobs:  # the checkpoints before the failure still reach the disk; the first error is the one raised
-            job.exception()
+        self._writer.drain()  # the checkpoints before the failure still reach the disk; the first error is the one raised
         if trainer.received_sigterm and trainer.is_global_zero and self.last_model_path:
             log.warning("Stopped by SIGTERM. The newest checkpoint is %s; continue with --ckpt_path last.",
                         self.last_model_path)
@@ -286,9 +291,7 @@ class AdapterCheckpoint(ModelCheckpoint):
         try:
             self.wait_for_writes()
         finally:
-            if self._writer is not None:
-                self._writer.shutdown(wait=True)
-                self._writer = None
+            self._writer.close()
             self._release_folder()
 
     def _after_save(self, trainer: L.Trainer, filepath: str) -> None:
@@ -342,8 +345,6 @@ class AdapterCheckpoint(ModelCheckpoint):
 
     def _remove_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         def remove() -> None:
-            if self._failed:
-                return  # the write that should replace it failed: keep it
             super(AdapterCheckpoint, self)._remove_checkpoint(trainer, filepath)
             folder = Path(filepath).with_suffix("")
             if trainer.is_global_zero and (folder / "adapter_config.json").is_file():

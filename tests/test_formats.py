@@ -141,9 +141,9 @@ def test_one_malformed_json_line_among_good_ones_names_its_file_and_line(tmp_pat
 def test_csv_cells_are_read_as_text(tmp_path):
     """A CSV has no types: numeric answers are answers (not 'empty' rows), and 007 stays 007."""
     path = tmp_path / "sums.csv"
-    path.write_text("instruction,input,output\nWhat is 2+2?,,4\nSay the agent's number.,,007\nSay hi.,,hi\n")
+    path.write_text("instruction,input,output\nWhat is 2+2?,,4\nSay the agent's number.,,007\n")  # all numbers
     data = load_source(str(path), cache_dir=str(tmp_path / "c"))
-    assert [row["output"] for row in data] == ["4", "007", "hi"]
+    assert [row["output"] for row in data] == ["4", "007"]
     assert row_to_messages(data[0], "alpaca")[1] == {"role": "assistant", "content": "4"}
 
 
