@@ -108,7 +108,9 @@ class AdapterCheckpoint(ModelCheckpoint):
         self._writer = OrderedWriter()
         self._final_after_validation = False  # the last step's `last` waits for the validation that follows it
         self._logger_dir = dirpath is None  # the folder comes from the logger's save_dir and name
-        self.resume_from: str | None = None  # the fit's ckpt_path, when LabCLI gives it (see check_fit)
+        # the fit's ckpt_path: LabCLI sets it (check_fit); a script resuming from an explicit path sets it, or
+        # trainer.ckpt_path, before trainer.fit, else the folder it resumes in counts as another run's
+        self.resume_from: str | None = None
         self._found_last = False  # Lightning resolved ckpt_path="last" in this folder
         self._lock: RunLock | None = None
 

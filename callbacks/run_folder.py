@@ -97,7 +97,10 @@ def clean_leftovers(folder: Path) -> list[str]:
             os.replace(path, target)
             log.warning("Restored %s from %s (a replacement was killed half-way).", target, path.name)
             continue
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
         removed.append(path.name)
     return removed
 

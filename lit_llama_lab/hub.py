@@ -54,12 +54,15 @@ def unreachable(repo_id: str, repo_type: str = "model", timeout: float = PROBE_T
     Raises :class:`HubUnavailableError` when the hub answers that there is no such (public) repository.
     """
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, RepositoryNotFoundError
 
     api = HfApi()
     ask = api.model_info if repo_type == "model" else api.dataset_info
     try:
         ask(repo_id, timeout=timeout)
+    except HFValidationError as error:
+        raise HubUnavailableError(f"{repo_id!r} is no valid hub id ({error}) and no such local file or folder exists. "
+                                  f"Accepted forms: {ACCEPTED_FORMS}.") from error
     except RepositoryNotFoundError as error:
         raise HubUnavailableError(
             f"The hub has no {repo_type} {repo_id!r} (or it is private or gated: log in with `hf auth login`). "

@@ -140,23 +140,24 @@ def first_json_error(path: Path) -> str | None:
 
     A ``.json`` file starting with ``[`` or ``{`` is read as one document, anything else as JSON Lines.
     """
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json" and text.lstrip()[:1] in ("[", "{"):
-        try:
-            json.loads(text)
-        except json.JSONDecodeError as error:
-            return f"{path} line {error.lineno}: {error.msg} (column {error.colno})"
-        else:
+    with open(path, encoding="utf-8") as handle:
+        start = handle.read(4096).lstrip()[:1]
+        handle.seek(0)
+        if path.suffix.lower() == ".json" and start in ("[", "{"):
+            try:
+                json.load(handle)
+            except json.JSONDecodeError as error:
+                return f"{path} line {error.lineno}: {error.msg} (column {error.colno})"
             return None
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            return f"{path} line {number}: {error.msg} (column {error.colno}); each line must be one JSON object"
-        if not isinstance(row, dict):
-            return f"{path} line {number}: a JSON {type(row).__name__}, not an object; each line must be one object"
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                return f"{path} line {number}: {error.msg} (column {error.colno}); each line must be one JSON object"
+            if not isinstance(row, dict):
+                return f"{path} line {number}: a JSON {type(row).__name__}, not an object; each line must be one object"
     return None
 
 
