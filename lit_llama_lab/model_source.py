@@ -102,5 +102,5 @@ def resolve_model_source(name_or_path: str) -> ModelSource:
     reason = local_path_reason(text)
     if reason is None:
         return ModelSource("hub", text)
-    raise ModelNotFoundError(f"Unknown model {text!r}: no such file or folder ({reason}). Accepted forms: "
+    raise ModelNotFoundError(f"Unknown model {text!r} ({reason}): no such file or folder. Accepted forms: "
                              f"{ACCEPTED_FORMS}.")
