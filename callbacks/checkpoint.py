@@ -1,8 +1,9 @@
 """AdapterCheckpoint: resumable adapter-only .ckpt files, each with a plain peft adapter folder beside it.
 
 Every write is atomic: the .ckpt is written under a hidden temporary name in the same folder and renamed; the
-adapter folder is written to a temporary folder and renamed. A crash mid-write leaves a ``.*.partial`` file that
-no loader takes for a checkpoint, and the previous checkpoint untouched.
+adapter folder is written to a temporary folder and renamed. A write that fails (a full disk) removes its partial
+file; a process killed mid-write leaves a ``.*.partial`` file that no loader takes for a checkpoint (the next run in
+the folder removes it), and the previous checkpoint untouched.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import json
 import logging
 import os
 import shutil
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from weakref import proxy
@@ -22,8 +22,17 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning_utilities.core.apply_func import apply_to_collection
 
+from callbacks.adapter_folder import (  # noqa: F401 (write_peft_files, replace_folder re-exported)
+    checkpoint_write,
+    partial_name,
+    replace_folder,
+    write_peft_files,
+)
+from callbacks.ordered_writer import OrderedWriter
+from callbacks.run_folder import RunFolderError, RunLock, check_new_run, no_checkpoint_message
 from lit_llama_lab.fsdp import gather_adapter_state_dict
 from lit_llama_lab.models import ADAPTER_METADATA
+from lit_llama_lab.resume import RUN_SETTINGS, run_settings
 
 log = logging.getLogger(__name__)
 
@@ -32,42 +41,13 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu", copy=True)
 
 
-def _partial_name(path: Path) -> Path:
-    """A hidden name beside ``path`` that matches no checkpoint pattern (``last*.ckpt``, ``*.ckpt``)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.partial")
-
-
-def replace_folder(source: Path, target: Path) -> None:
-    """Move the finished folder ``source`` to ``target``, replacing an older ``target`` without a moment where
-    neither exists under a checkpoint-looking name."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.{os.getpid()}.old")
-        os.replace(target, old)
-        os.replace(source, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(source, target)
-
-
-def write_peft_files(peft_model, adapter: dict[str, torch.Tensor], folder: Path) -> None:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``folder``, as peft's save_pretrained does.
-
-    ``peft_model``: the peft model, or its adapter config. ``adapter`` is keyed as the QLoRAModule's state dict
-    (``model.base_model…lora_A.default.weight``). peft's own save_pretrained cannot be used under FSDP: it reads the
-    adapter key prefixes from the module tree, whose names then hold FSDP wrapper prefixes that the gathered state
-    dict has not.
-    """
-    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
-    from safetensors.torch import save_file
-
-    config = copy.deepcopy(peft_model.peft_config["default"] if hasattr(peft_model, "peft_config") else peft_model)
-    tuner = PEFT_TYPE_TO_TUNER_MAPPING[config.peft_type]
-    state = {tuner._remove_adapter_name_from_key(name.removeprefix("model."), "default"): value.contiguous()
-             for name, value in adapter.items()}
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config.inference_mode = True
-    config.save_pretrained(str(folder))
+def validates_after_batch(trainer: L.Trainer) -> bool:
+    """Whether Lightning runs validation right after the current training batch (its own test; Lightning 2.6)."""
+    loop = trainer.fit_loop
+    try:
+        return bool(loop.epoch_loop._should_check_val_fx(loop._data_fetcher))
+    except (AttributeError, TypeError):  # another Lightning: save at the batch end, the score may be a step old
+        return False
 
 
 class AdapterCheckpoint(ModelCheckpoint):
@@ -81,12 +61,19 @@ class AdapterCheckpoint(ModelCheckpoint):
 
     Without ``dirpath`` checkpoints go to ``<logger save_dir>/<logger name>/checkpoints``, shared by all versions of
     that run name, so ``--ckpt_path last`` finds the newest ``last.ckpt`` of the previous attempt.
+    That folder belongs to one run (:mod:`callbacks.run_folder`): a fit that does not resume from a checkpoint in it
+    is refused while it holds checkpoints, and a lock file refuses a second live writer; ``-v1`` names are never
+    made. ``--ckpt_path last`` with no ``last.ckpt`` there is an error naming the folder.
     No checkpoint is written once a DivergenceGuard has tripped, so ``last`` stays the last good one.
     ``async_write`` (one process only): the state is copied to host memory at the save point and written to disk by
     a background thread while training goes on, in order (removals of old checkpoints queue behind the writes);
     the run waits for the writes when training ends or fails. Each write stays atomic, so a crash loses only the
-    queued writes, never an earlier checkpoint.
-    Other arguments are ModelCheckpoint's.
+    queued writes, never an earlier checkpoint; a write that fails (a full disk) removes its partial file, and
+    nothing queued after it runs, so the previous checkpoints stay as they were.
+    ``last`` is also written at the run's last step (``max_steps``), and on SIGTERM (a scheduler's stop) at the end
+    of the current batch, before Lightning stops.
+    ``enable_version_counter`` is off: a same-named checkpoint of this run is replaced (atomically), never made
+    ``-v1``. Other arguments are ModelCheckpoint's.
     """
 
     def __init__(
@@ -100,6 +87,7 @@ class AdapterCheckpoint(ModelCheckpoint):
         every_n_train_steps: int | None = None,
         every_n_epochs: int = 1,
         async_write: bool = True,
+        enable_version_counter: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -111,13 +99,20 @@ class AdapterCheckpoint(ModelCheckpoint):
             save_last=save_last,
             every_n_train_steps=every_n_train_steps,
             every_n_epochs=None if every_n_train_steps else every_n_epochs,
+            enable_version_counter=enable_version_counter,  # off: never `last-v1`, a folder holds one run's files
             **kwargs,
         )
         # ModelCheckpoint takes steps or epochs; both triggers work side by side, so set the epoch one after it.
         self._every_n_epochs = every_n_epochs
         self.async_write = async_write
-        self._writer: ThreadPoolExecutor | None = None
-        self._jobs: list[Future] = []
+        self._writer = OrderedWriter()
+        self._final_after_validation = False  # the last step's `last` waits for the validation that follows it
+        self._logger_dir = dirpath is None  # the folder comes from the logger's save_dir and name
+        # the fit's ckpt_path: LabCLI sets it (check_fit); a script resuming from an explicit path sets it, or
+        # trainer.ckpt_path, before trainer.fit, else the folder it resumes in counts as another run's
+        self.resume_from: str | None = None
+        self._found_last = False  # Lightning resolved ckpt_path="last" in this folder
+        self._lock: RunLock | None = None
 
     def resolve_dir(self, trainer: L.Trainer) -> str:
         """The checkpoint folder: ``dirpath`` or ``<save_dir>/<name>/checkpoints`` of the first logger."""
@@ -128,13 +123,55 @@ class AdapterCheckpoint(ModelCheckpoint):
             return os.path.join(logger.save_dir, str(logger.name or ""), "checkpoints")
         return os.path.join(trainer.default_root_dir, "checkpoints")
 
+    def rename_hint(self) -> str:
+        """How a new run gets a checkpoint folder of its own, as a command-line option."""
+        if self._logger_dir:
+            return "--trainer.logger.init_args.name NAME"
+        return "another dirpath for the AdapterCheckpoint callback"
+
+    def check_fit(self, trainer: L.Trainer, ckpt_path: str | None) -> None:
+        """Before anything loads: refuse a fit (resuming from ``ckpt_path``, or new) into a folder holding another
+        run's checkpoints. Read-only, the same answer on every process; :meth:`setup` checks again and locks."""
+        self.resume_from = None if ckpt_path is None else str(ckpt_path)
+        check_new_run(Path(self.resolve_dir(trainer)), self.resume_from, self.rename_hint())
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self.dirpath = self.resolve_dir(trainer)
         super().setup(trainer, pl_module, stage)
+        if stage == "fit":
+            self._claim_folder(trainer)
+
+    def _claim_folder(self, trainer: L.Trainer) -> None:
+        """Rank 0 checks the folder is this run's and takes its lock; every rank raises the same refusal."""
+        problem = None
+        if trainer.is_global_zero:
+            resume = self.resume_from or trainer.ckpt_path or ("last" if self._found_last else None)
+            try:
+                check_new_run(Path(self.dirpath), resume, self.rename_hint())
+                self._lock = RunLock(Path(self.dirpath))
+                self._lock.acquire()
+            except RunFolderError as error:
+                problem = str(error)
+        problem = trainer.strategy.broadcast(problem, src=0)
+        if problem:
+            raise RunFolderError(problem)
+
+    def _release_folder(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        self.resume_from, self._found_last = None, False
 
     def _find_last_checkpoints(self, trainer: L.Trainer) -> set[str]:
         self.dirpath = self.resolve_dir(trainer)
-        return super()._find_last_checkpoints(trainer)
+        found = super()._find_last_checkpoints(trainer)
+        if not found:  # Lightning would warn and train from step 0
+            raise RunFolderError(no_checkpoint_message(Path(self.dirpath)))
+        self._found_last = True
+        return found
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        checkpoint[RUN_SETTINGS] = run_settings(trainer)  # what a resume compares its trainer settings with
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
         self._in_batch_end = True  # ModelCheckpoint asks _should_skip_saving_checkpoint after every batch
@@ -142,6 +179,24 @@ class AdapterCheckpoint(ModelCheckpoint):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         finally:
             self._in_batch_end = False
+        self._save_if_ending(trainer)
+
+    def _save_if_ending(self, trainer: L.Trainer) -> None:
+        """At the run's last step (``max_steps``) and after SIGTERM, write ``last`` now, whatever the schedule: the run
+        ends after this batch, and its final state would otherwise be lost. Every process decides alike (the write
+        is collective)."""
+        stopping = trainer.received_sigterm
+        if trainer.world_size > 1:
+            stopping = trainer.strategy.reduce_boolean_decision(stopping, all=False)
+        final = 0 < trainer.max_steps <= trainer.global_step
+        if final and not stopping and validates_after_batch(trainer):
+            self._final_after_validation = True  # saved there, with the fresh score (and as a top-k candidate)
+        elif stopping or final:
+            self._save_last_now(trainer)
+
+    def _save_last_now(self, trainer: L.Trainer) -> None:
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def _should_skip_saving_checkpoint(self, trainer: L.Trainer) -> bool:
         # A guard that reads losses every few batches reads the pending ones before a save, so no diverged adapter
@@ -156,6 +211,9 @@ class AdapterCheckpoint(ModelCheckpoint):
         super().on_validation_end(trainer, pl_module)
         if not self._should_save_on_train_epoch_end(trainer):
             self._save_last_if_missed(trainer)
+        if self._final_after_validation and not trainer.sanity_checking:
+            self._final_after_validation = False
+            self._save_last_now(trainer)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
@@ -176,35 +234,29 @@ class AdapterCheckpoint(ModelCheckpoint):
 
     def _run(self, trainer: L.Trainer, job) -> None:
         """Run ``job`` now, or queue it on the writer thread (in order) when writing in the background."""
-        if not self._background(trainer):
+        if self._background(trainer):
+            self._writer.submit(job)
+        else:
             job()
-            return
-        self.raise_write_errors()
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adapter-checkpoint")
-        self._jobs.append(self._writer.submit(job))
 
     def raise_write_errors(self) -> None:
         """Re-raise the first error of a finished background write (a full disk, say) in the training thread."""
-        for job in [j for j in self._jobs if j.done()]:
-            self._jobs.remove(job)
-            job.result()
+        self._writer.raise_errors()
 
     def wait_for_writes(self) -> None:
         """Block until every queued checkpoint write and removal is on disk; re-raise the first error."""
-        jobs, self._jobs = self._jobs, []
-        for job in jobs:
-            job.result()
+        self._writer.wait()
 
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         target = Path(filepath)
-        partial = _partial_name(target)
+        partial = partial_name(target)
         adapter = gather_adapter_state_dict(trainer.lightning_module)  # collective under FSDP
         if not self._background(trainer):
-            trainer.save_checkpoint(partial, self.save_weights_only)  # collective: every rank calls, rank 0 writes
-            if trainer.is_global_zero:
-                self.write_adapter_folder(trainer, target.with_suffix(""), adapter)
-                os.replace(partial, target)
+            with checkpoint_write(target, partial):
+                trainer.save_checkpoint(partial, self.save_weights_only)  # collective: every rank calls, rank 0 writes
+                if trainer.is_global_zero:
+                    self.write_adapter_folder(trainer, target.with_suffix(""), adapter)
+                    os.replace(partial, target)
             self._after_save(trainer, filepath)
             return
         # a snapshot in host memory (the copy waits for the GPU once); the thread only serializes and renames
@@ -215,27 +267,34 @@ class AdapterCheckpoint(ModelCheckpoint):
         io = trainer.strategy.checkpoint_io
 
         def write() -> None:
-            io.save_checkpoint(checkpoint, partial)
-            write_folder()
-            os.replace(partial, target)
+            with checkpoint_write(target, partial):
+                io.save_checkpoint(checkpoint, partial)
+                write_folder()
+                os.replace(partial, target)
 
         self._run(trainer, write)
         self._after_save(trainer, filepath)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
+        if self._final_after_validation:  # the validation announced did not come: save the final state now
+            self._final_after_validation = False
+            self._save_last_now(trainer)
         self.wait_for_writes()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        jobs, self._jobs = self._jobs, []
-        for job in jobs:  # the checkpoints before the failure still reach the disk; the first error is the one raised
-            job.exception()
+        self._writer.drain()  # the checkpoints before the failure still reach the disk; the first error is the one raised
+        if trainer.received_sigterm and trainer.is_global_zero and self.last_model_path:
+            log.warning("Stopped by SIGTERM. The newest checkpoint is %s; continue with --ckpt_path last.",
+                        self.last_model_path)
+        self._release_folder()
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        self.wait_for_writes()
-        if self._writer is not None:
-            self._writer.shutdown(wait=True)
-            self._writer = None
+        try:
+            self.wait_for_writes()
+        finally:
+            self._writer.close()
+            self._release_folder()
 
     def _after_save(self, trainer: L.Trainer, filepath: str) -> None:
         # ModelCheckpoint._save_checkpoint's bookkeeping (lightning 2.6), for the final name
@@ -275,11 +334,14 @@ class AdapterCheckpoint(ModelCheckpoint):
         metadata = json.dumps(self.adapter_metadata(trainer), indent=2)
 
         def write() -> None:
-            partial = _partial_name(folder)
+            partial = partial_name(folder)
             shutil.rmtree(partial, ignore_errors=True)
-            write_peft_files(config, adapter, partial)
-            (partial / ADAPTER_METADATA).write_text(metadata)
-            replace_folder(partial, folder)
+            try:
+                write_peft_files(config, adapter, partial)
+                (partial / ADAPTER_METADATA).write_text(metadata)
+                replace_folder(partial, folder)
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)  # only left when the write failed
 
         return write
 

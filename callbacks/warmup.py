@@ -72,9 +72,10 @@ class WarmupSchedule(Callback):
         return self.min_ratio + (1 - self.min_ratio) * shape
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.total_steps = int(trainer.estimated_stepping_batches)
-        if self.total_steps <= 0 or self.total_steps == float("inf"):
+        total = trainer.estimated_stepping_batches  # inf when neither max_steps nor max_epochs bounds the run
+        if not math.isfinite(total) or total <= 0:
             raise ValueError("WarmupSchedule needs a finite run: set trainer.max_steps or trainer.max_epochs.")
+        self.total_steps = int(total)
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
                 group.setdefault("initial_lr", group["lr"])  # on resume, restored with the optimizer state

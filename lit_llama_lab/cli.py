@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
+import typing
 
 # Hub libraries must never reach for the network unless the user asks for a hub id with the network on.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -15,6 +17,7 @@ from lit_llama_lab.data.datamodule import ChatDataModule  # noqa: E402
 from lit_llama_lab.module import QLoRAModule  # noqa: E402
 
 FSDP_STRATEGY = "lit_llama_lab.fsdp.QLoRAFSDPStrategy"
+STOPPED_BY_SIGTERM = 128 + signal.SIGTERM  # the exit status of a run a scheduler stopped: 143, never 0
 # Subcommands that are not Trainer methods: name -> "module:function" run through jsonargparse.
 TOOLS = {
     "evaluate": "lit_llama_lab.evaluate:evaluate",
@@ -43,6 +46,34 @@ class LabCLI(LightningCLI):
         if config is not None and config.get("trainer.strategy") == "fsdp":
             config["trainer.strategy"] = Namespace(class_path=FSDP_STRATEGY, init_args=Namespace())
 
+    def before_fit(self) -> None:
+        """Refuse at once, before data and model load, a fit into a folder holding another run's checkpoints."""
+        from callbacks.checkpoint import AdapterCheckpoint
+
+        ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
+        for callback in self.trainer.checkpoint_callbacks:
+            if isinstance(callback, AdapterCheckpoint):
+                callback.check_fit(self.trainer, ckpt_path)
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run ``subcommand``; a stop by SIGTERM exits with :data:`STOPPED_BY_SIGTERM` once the checkpoint is written
+        (Lightning's SIGTERMException is a SystemExit of status 0, which a scheduler would read as success)."""
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException:
+            print(f"Stopped by SIGTERM: exit status {STOPPED_BY_SIGTERM}.", file=sys.stderr)
+            raise SystemExit(STOPPED_BY_SIGTERM) from None
+
+
+def bare_flags(target, args: list[str]) -> list[str]:
+    """``--flag`` alone (last, or before another option) means ``--flag=true`` for a ``bool`` parameter of
+    ``target``: jsonargparse wants a value. ``--flag true`` and ``--flag false`` pass unchanged."""
+    flags = {f"--{name}" for name, hint in typing.get_type_hints(target).items() if hint is bool}
+    return [f"{arg}=true" if arg in flags and (i + 1 == len(args) or args[i + 1].startswith("--")) else arg
+            for i, arg in enumerate(args)]
+
 
 def starting_model(name_or_path: str, init_adapter: str | None) -> str:
     """The model training starts from: the init adapter's folder (its base comes with it) or the base."""
@@ -58,7 +89,7 @@ def run_tool(name: str, args: list[str]) -> None:
         target = getattr(importlib.import_module(module), function)
     except ModuleNotFoundError as error:
         raise SystemExit(f"'{name}' is not available: {error}") from None
-    auto_cli(target, args=args, as_positional=False)
+    auto_cli(target, args=bare_flags(target, args), as_positional=False)
 
 
 def main(args: list[str] | None = None) -> None:

@@ -88,14 +88,30 @@ def read_checkpoint(folder: Path) -> dict:
     return meta
 
 
+def is_export_folder(folder: Path) -> bool:
+    """True for a folder an earlier export wrote: its ``export.json`` parses and names the merge."""
+    try:
+        return "merge_into" in json.loads((folder / EXPORT_METADATA).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def check_output(output: Path, checkpoint: Path, overwrite: bool) -> None:
-    """Refuse outputs that would lose something: a non-empty folder without ``overwrite``, a file, the checkpoint."""
+    """Refuse outputs that would lose something: the checkpoint, a file, a non-empty folder that no export wrote
+    (even with ``overwrite``), and an earlier export without ``overwrite``."""
     if output.resolve() == checkpoint.resolve() or output.resolve() in checkpoint.resolve().parents:
         raise ExportError(f"Output {str(output)!r} would replace the checkpoint itself; choose another folder.")
     if output.exists() and not output.is_dir():
         raise ExportError(f"Output {str(output)!r} exists and is a file; choose a folder path.")
-    if output.is_dir() and any(output.iterdir()) and not overwrite:
-        raise ExportError(f"Output folder {str(output)!r} exists and is not empty; pass --overwrite to replace it.")
+    if not output.is_dir() or not any(output.iterdir()):
+        return
+    if not is_export_folder(output):
+        raise ExportError(
+            f"Output folder {str(output)!r} is not empty and no export wrote it (it has no {EXPORT_METADATA}), so "
+            "nothing in it is replaced, with or without --overwrite. Choose another --output, or empty it yourself."
+        )
+    if not overwrite:
+        raise ExportError(f"Output folder {str(output)!r} holds an earlier export; pass --overwrite to replace it.")
 
 
 def dequantized_state_dict(model) -> dict[str, torch.Tensor]:
@@ -232,7 +248,8 @@ def export(
         dtype: dtype of the saved safetensors (GGUF files are written from the float32 merge).
         base_model: base to merge into instead of the one the checkpoint names (e.g. if it moved).
         verify: reload the saved folder and record its logit gap to base+adapter (4-bit) in export.json.
-        overwrite: replace a non-empty ``output`` folder (the old one is removed only after the new is complete).
+        overwrite: replace an earlier export at ``output`` (the old one is removed only after the new is complete);
+            a non-empty folder without our ``export.json`` is never replaced.
     """
     source, target = Path(checkpoint).expanduser(), Path(output).expanduser()
     meta = read_checkpoint(source)
@@ -252,8 +269,7 @@ def export(
         (tmp / EXPORT_METADATA).write_text(json.dumps(record, indent=2) + "\n")
         for path in (tmp, *tmp.rglob("*")):  # mkdtemp/mkstemp make owner-only folders and files
             os.chmod(path, 0o755 if path.is_dir() else 0o644)
-        if target.is_dir() and any(target.iterdir()) and not overwrite:  # appeared while we worked
-            raise ExportError(f"Output folder {str(target)!r} was filled by someone else meanwhile; nothing written.")
+        check_output(target, source, overwrite)  # again: the folder may have been filled while we worked
         _replace_folder(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

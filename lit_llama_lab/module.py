@@ -357,6 +357,9 @@ class QLoRAModule(L.LightningModule):
         checkpoint["adapter_config"] = json.loads(json.dumps(config, default=lambda v: sorted(v) if isinstance(v, set) else str(v)))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        from lit_llama_lab.resume import check_resume
+
+        check_resume(self, checkpoint)  # refuses settings the saved state cannot honour; applies a new learning rate
         self.configure_model()
         missing = set(self.adapter_state_dict()) - set(checkpoint["state_dict"])
         if missing:

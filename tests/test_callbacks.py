@@ -100,6 +100,13 @@ def test_warmup_rejects_bad_settings():
         WarmupSchedule(warmup_fraction=1.5)
 
 
+def test_warmup_refuses_an_unbounded_run_with_its_own_message(tmp_path, chat_file):
+    """max_epochs=-1 and max_steps=-1: the schedule has no end to decay to; said before int(inf) can crash."""
+    trainer = make_trainer(tmp_path, [WarmupSchedule(warmup_steps=1)], max_epochs=-1, max_steps=-1, limit_val_batches=0)
+    with pytest.raises(ValueError, match="needs a finite run: set trainer.max_steps or trainer.max_epochs"):
+        trainer.fit(make_model(), make_data(chat_file))
+
+
 def test_adapter_checkpoint_files_and_loading(tmp_path, chat_file):
     from lit_llama_lab.models import load_for_inference
 

@@ -3,6 +3,7 @@ both FineTome configs end to end on the bundled sample."""
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -62,13 +63,29 @@ def test_malformed_rows_are_skipped_and_counted(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         dm.setup()
     assert dm.stats["train"]["malformed"] == 2 and len(dm.splits["train"]) == 3
-    assert "skipped 2 malformed rows (first: [1, 3]; first reason: no assistant turn)" in caplog.text
+    assert "skipped 2 malformed rows (first source rows, 0-based: [1, 3]; first reason: no assistant turn)" in caplog.text
+
+
+def test_skipped_rows_are_numbered_as_in_the_file_not_the_split(tmp_path, caplog):
+    """With test and val splits taken out, the train split's positions are not the file's rows: the log must name
+    the rows a user finds in the file."""
+    rows = [GOOD] * 20
+    bad = [4, 13, 17]
+    for i in bad:
+        rows[i] = NO_ASSISTANT
+    dm = module(tmp_path, source=write_rows(tmp_path, rows), test_fraction=0.2, val_fraction=0.2)
+    with caplog.at_level(logging.WARNING):
+        dm.setup()
+    lists = [re.search(r"skipped \d+ malformed rows \(first[^\[]*\[([\d, ]+)\]", line) for line in caplog.messages]
+    named = {int(n) for found in lists if found for n in found[1].split(",")}
+    assert named == set(bad), caplog.messages  # every malformed row named by its file row, in whichever split
+    assert sum(dm.stats[s]["malformed"] for s in dm.stats) == len(bad)
 
 
 def test_strict_mode_raises_on_the_first_malformed_row(tmp_path):
     dm = module(tmp_path, source=write_rows(tmp_path, [GOOD, NO_ASSISTANT]), test_fraction=0.0, val_fraction=0.0,
                 strict=True)
-    with pytest.raises(MalformedRowError, match="train row 1: no assistant turn"):
+    with pytest.raises(MalformedRowError, match=r"train: source row 1 \(0-based\): no assistant turn"):
         dm.setup()
 
 

@@ -143,19 +143,33 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_existing_output_is_kept_without_overwrite(checkpoint, tmp_path):
-    out = tmp_path / "taken"
-    out.mkdir()
-    (out / "precious.txt").write_text("keep me")
-    with pytest.raises(ExportError, match="--overwrite"):
-        export(str(checkpoint), str(out), gguf="none")
+def test_overwrite_replaces_only_an_earlier_export(checkpoint, tmp_path):
+    """A folder no export wrote is never emptied, --overwrite or not; an earlier export is replaced only with
+    --overwrite, which the CLI takes as a bare flag."""
+    from lit_llama_lab.cli import main
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "thesis.txt").write_text("keep me")
+    for overwrite in (False, True):
+        with pytest.raises(ExportError, match="no export wrote it .*with or without --overwrite"):
+            export(str(checkpoint), str(notes), gguf="none", verify=False, overwrite=overwrite)
+    with pytest.raises(ExportError, match="no export wrote it"):
+        main(["export", "--checkpoint", str(checkpoint), "--output", str(notes), "--gguf", "none", "--overwrite"])
     with pytest.raises(ExportError, match="replace the checkpoint"):
         export(str(checkpoint), str(checkpoint.parent), gguf="none", overwrite=True)
     with pytest.raises(ExportError, match="Unknown GGUF"):
         export(str(checkpoint), str(tmp_path / "x"), gguf="q4_k")
-    assert (out / "precious.txt").read_text() == "keep me" and (checkpoint / "adapter_model.safetensors").is_file()
-    export(str(checkpoint), str(out), gguf="none", verify=False, overwrite=True)
-    assert not (out / "precious.txt").exists() and (out / "model.safetensors").is_file()
+    assert os.listdir(notes) == ["thesis.txt"] and (notes / "thesis.txt").read_text() == "keep me"
+    assert (checkpoint / "adapter_model.safetensors").is_file()
+
+    out = export(str(checkpoint), str(tmp_path / "out"), gguf="none", verify=False)
+    (out / "stale.txt").write_text("from the earlier export's day")
+    with pytest.raises(ExportError, match="holds an earlier export; pass --overwrite"):
+        export(str(checkpoint), str(out), gguf="none", verify=False)
+    main(["export", "--checkpoint", str(checkpoint), "--output", str(out), "--gguf", "none", "--overwrite",
+          "--verify", "false"])
+    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
 
 
 def test_failed_export_leaves_nothing_and_keeps_old_output(checkpoint, tmp_path):
@@ -169,9 +183,10 @@ def test_failed_export_leaves_nothing_and_keeps_old_output(checkpoint, tmp_path)
     out = tmp_path / "exports" / "model"
     out.mkdir(parents=True)
     (out / "old.txt").write_text("old export")
+    (out / "export.json").write_text(json.dumps({"merge_into": "dequantized"}))  # an earlier export of ours
     with pytest.raises(ValueError, match="rotary"):
         export(str(checkpoint), str(out), base_model=str(tmp_path / "scaled-base"), overwrite=True)
-    assert sorted(os.listdir(out.parent)) == ["model"] and os.listdir(out) == ["old.txt"]
+    assert sorted(os.listdir(out.parent)) == ["model"] and sorted(os.listdir(out)) == ["export.json", "old.txt"]
 
 
 @pytest.mark.slow

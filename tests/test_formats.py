@@ -125,3 +125,38 @@ def test_broken_json_is_a_clear_error(tmp_path):
 def test_emoji_rows_are_built_in_memory():
     data = load_source("emoji")
     assert len(data) > 3000 and detect_rows_format(data) == "emoji"
+
+
+def test_one_malformed_json_line_among_good_ones_names_its_file_and_line(tmp_path):
+    path = write_jsonl(tmp_path / "chats.jsonl", [MESSAGES] * 3)
+    path.write_text(path.read_text() + '{"messages": [}\n' + json.dumps(MESSAGES) + "\n")
+    with pytest.raises(ValueError, match=rf"{path} line 4: Expecting value .*Fix or remove that line"):
+        load_source(str(path), cache_dir=str(tmp_path / "c"))
+    array = tmp_path / "chats.json"  # one JSON document: its own line numbers
+    array.write_text("[\n" + json.dumps(MESSAGES) + ",\n" + json.dumps(MESSAGES)[:-1] + "\n]\n")
+    with pytest.raises(ValueError, match=rf"{array} line 4: "):
+        load_source(str(array), cache_dir=str(tmp_path / "c"))
+
+
+def test_csv_cells_are_read_as_text(tmp_path):
+    """A CSV has no types: numeric answers are answers (not 'empty' rows), and 007 stays 007."""
+    path = tmp_path / "sums.csv"
+    path.write_text("instruction,input,output\nWhat is 2+2?,,4\nSay the agent's number.,,007\n")  # all numbers
+    data = load_source(str(path), cache_dir=str(tmp_path / "c"))
+    assert [row["output"] for row in data] == ["4", "007"]
+    assert row_to_messages(data[0], "alpaca")[1] == {"role": "assistant", "content": "4"}
+
+
+def test_a_number_where_text_belongs_says_so_and_how_to_fix(tmp_path):
+    with pytest.raises(MalformedRowError, match=r"the assistant turn is a number \(4\), not text: write it as a string"):
+        row_to_messages({"instruction": "What is 2+2?", "output": 4}, "alpaca")
+    with pytest.raises(MalformedRowError, match="an empty assistant turn"):
+        row_to_messages({"instruction": "What is 2+2?", "output": None}, "alpaca")
+
+
+def test_a_missing_local_data_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()
+    for source, reason in [("data/chats.jsonl", ".jsonl file"), ("data/chats", "data/ is a folder here")]:
+        with pytest.raises(ValueError, match=rf"no such file or folder, and not a hub id .*{reason}"):
+            load_source(source)

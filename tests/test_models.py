@@ -104,3 +104,62 @@ def test_tiny_random_4bit_forward():
     model, tok = load_base_model("tiny-random", quantize="nf4", compute_dtype=torch.float32, device="cpu")
     ids = tok("hello world", return_tensors="pt").input_ids
     assert torch.isfinite(model(ids).logits).all()
+
+
+def test_a_missing_local_path_shaped_like_a_hub_id_fails_at_once(tmp_path, monkeypatch):
+    """`exports/emoji` with an `exports/` folder here is a missing path, not a hub id: no network, the forms named."""
+    from lit_llama_lab.evaluate import evaluate
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "exports").mkdir()
+    for name, reason in [("exports/emoji", "exports/ is a folder here"), ("runs/adapter.safetensors", ".safetensors file"),
+                         ("./emoji", "it is a path"), ("~/models/x", "it is a path")]:
+        with pytest.raises(ModelNotFoundError, match=reason) as error:
+            resolve_model_source(name)
+        assert ACCEPTED_FORMS in str(error.value) and name in str(error.value)
+    with pytest.raises(ModelNotFoundError, match="exports/ is a folder here"):
+        evaluate(model="exports/emoji", split="test", limit=4, output_dir=str(tmp_path / "eval"))
+    assert resolve_model_source("someone/emoji").kind == "hub"  # no local `someone/`: it can be a hub id
+
+
+def test_a_hub_id_offline_fails_fast_with_one_message(tmp_path):
+    """No network (a closed port stands for the hub): one message naming the offline fact, not 50 s of retries."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_CACHE=str(tmp_path / "hub"), PYTHONPATH=str(root))
+    command = [sys.executable, "-m", "lit_llama_lab.cli", "evaluate", "--model", "someone/some-model", "--split",
+               "test", "--limit", "4", "--output_dir", str(tmp_path / "eval")]
+    started = time.monotonic()
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    seconds = time.monotonic() - started
+    assert done.returncode != 0
+    error = done.stderr.strip().splitlines()[-1]
+    assert "Cannot download hub model 'someone/some-model': http://127.0.0.1:9 cannot be reached" in error
+    assert "looks offline" in error and "Use a local form instead" in error
+    assert seconds < 45, seconds  # imports included; the hub is asked once, without retries
+    offline = subprocess.run(command, cwd=tmp_path, env={**env, "HF_HUB_OFFLINE": "1"}, capture_output=True,
+                             text=True, timeout=300)
+    assert "is not in the hub cache" in offline.stderr and "HF_HUB_OFFLINE is set" in offline.stderr
+
+
+def test_a_truncated_or_missing_adapter_file_is_named_with_the_fix(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from lit_llama_lab.evaluate import evaluate
+
+    base, _ = load_base_model("tiny-random", quantize="none", compute_dtype=torch.float32, device="cpu")
+    folder = tmp_path / "last"
+    get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(folder)
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted copy
+    with pytest.raises(ValueError, match=f"{weights} is truncated or corrupt .*Pick another checkpoint"):
+        evaluate(model=str(folder), split="test", limit=2, output_dir=str(tmp_path / "eval"))
+    weights.unlink()
+    with pytest.raises(ValueError, match=f"{folder} has no adapter_model.safetensors"):
+        evaluate(model=str(folder), split="test", limit=2, output_dir=str(tmp_path / "eval"))

@@ -1,5 +1,6 @@
-"""Fault tests: SIGKILL a real training process (mid-epoch; mid-checkpoint-write), resume with --ckpt_path last,
-and end with the same step and bit-identical adapter weights as an uninterrupted run.
+"""Fault tests: SIGKILL a real training process (mid-epoch; mid-checkpoint-write), stop it with SIGTERM, fail a
+checkpoint write as a full disk does; resume with --ckpt_path last, and end with the same step and bit-identical
+adapter weights as an uninterrupted run.
 
 The training process is this file run as a script: the project's LabCLI with configs/debug.yaml, 3 epochs of
 4 batches (12 optimizer steps), a checkpoint every 3 steps (so every resume point is inside an epoch;
@@ -51,9 +52,12 @@ def train_args(run_dir: Path, resume: bool) -> list[str]:
     return args + (["--ckpt_path", "last"] if resume else [])
 
 
-def start(run_dir: Path, resume: bool = False, slow_save_at: int | None = None) -> subprocess.Popen:
-    env = dict(os.environ, LLL_SLOW_SAVE_AT=str(slow_save_at or ""), PYTHONPATH=str(ROOT))
-    log = open(run_dir / ("resume.log" if resume else "train.log"), "w")  # noqa: SIM115 (closed with the process)
+def start(run_dir: Path, resume: bool = False, slow_save_at: int | None = None, log_name: str | None = None,
+          **faults: int) -> subprocess.Popen:
+    """Start the training process; ``faults``: ``fail_save_at`` / ``sigterm_at`` (a step), see :func:`main`."""
+    env = dict(os.environ, LLL_SLOW_SAVE_AT=str(slow_save_at or ""), PYTHONPATH=str(ROOT),
+               **{f"LLL_{k.upper()}": str(v) for k, v in faults.items()})
+    log = open(run_dir / (log_name or ("resume.log" if resume else "train.log")), "w")  # noqa: SIM115 (closed with the process)
     return subprocess.Popen([sys.executable, __file__, *train_args(run_dir, resume)], cwd=ROOT, env=env,
                             stdout=log, stderr=subprocess.STDOUT)
 
@@ -117,10 +121,15 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tmp_path, reference
     assert_same_end(tmp_path, reference)
 
 
-def test_sigkill_during_checkpoint_write_resumes_from_previous(tmp_path, reference):
+def test_sigkill_during_checkpoint_write_resumes_from_previous_and_locks_out_a_second_writer(tmp_path, reference):
     process = start(tmp_path, slow_save_at=9)
     marker = tmp_path / "checkpoints" / "WRITING"
     wait_for(marker.exists, process)
+    lock = json.loads((tmp_path / "checkpoints" / ".lock").read_text())
+    assert lock["pid"] == process.pid
+    second = start(tmp_path, resume=True, log_name="second.log")  # the same run, resumed while it still writes
+    assert second.wait(300) != 0
+    assert f"process {process.pid} on host" in (tmp_path / "second.log").read_text().replace("\n", "")
     process.send_signal(signal.SIGKILL)
     process.wait()
 
@@ -135,12 +144,45 @@ def test_sigkill_during_checkpoint_write_resumes_from_previous(tmp_path, referen
     assert json.loads((tmp_path / "checkpoints/last/lit_llama_lab.json").read_text())["global_step"] == 6
 
     finish(start(tmp_path, resume=True), tmp_path)
+    assert "Took over the lock" in (tmp_path / "resume.log").read_text()  # the killed process's, left behind
+    assert not [p for p in os.listdir(tmp_path / "checkpoints") if p.endswith(".partial") or p == ".lock"]
     assert_same_end(tmp_path, reference)
+
+
+def test_sigterm_saves_last_then_exits_nonzero_and_resumes_exactly(tmp_path, reference):
+    """A scheduler's stop: ``last`` is written at the step the signal came (5, between the scheduled 3 and 6), the
+    exit status says the run did not finish, and the resume ends as the uninterrupted run."""
+    assert start(tmp_path, sigterm_at=5).wait(300) == 143, (tmp_path / "train.log").read_text()[-3000:]
+    assert read_ckpt(tmp_path / "checkpoints/last.ckpt")["global_step"] == 5
+    assert json.loads((tmp_path / "checkpoints/last/lit_llama_lab.json").read_text())["global_step"] == 5
+    assert not (tmp_path / "checkpoints" / ".lock").exists()
+    finish(start(tmp_path, resume=True), tmp_path)
+    assert_same_end(tmp_path, reference)
+
+
+def test_failed_checkpoint_write_leaves_no_partial_and_keeps_last(tmp_path):
+    """A full disk at step 9 (the first checkpoint is step 6's: step 3's waits for a validation score): the run fails
+    with the checkpoint and the fix named; the half-written file is gone, no older checkpoint was removed for the one
+    that failed, and ``last`` is step 6's, whole."""
+    process = start(tmp_path, fail_save_at=9)
+    assert process.wait(300) != 0
+    log = (tmp_path / "train.log").read_text()
+    assert "Could not write the checkpoint" in log and "No space left on device" in log and "--ckpt_path last" in log
+    names = sorted(os.listdir(tmp_path / "checkpoints"))
+    assert not [n for n in names if n.startswith(".")], names  # no partial file or folder, no lock
+    assert names == ["epoch=1-step=6", "epoch=1-step=6.ckpt", "last", "last.ckpt"], names
+    assert read_ckpt(tmp_path / "checkpoints/last.ckpt")["global_step"] == 6
+    assert json.loads((tmp_path / "checkpoints/last/lit_llama_lab.json").read_text())["global_step"] == 6
 
 
 def main() -> None:
     """The training process: LabCLI with a resumable train loader and, on request, a checkpoint write that stalls
-    halfway (``LLL_SLOW_SAVE_AT=<step>``) so the test can kill it mid-write."""
+    halfway (``LLL_SLOW_SAVE_AT=<step>``) so the test can kill it mid-write, writes that fail halfway as on a full
+    disk (``LLL_FAIL_SAVE_AT=<step>``), or a SIGTERM to itself while it trains that step (``LLL_SIGTERM_AT``)."""
+    import errno
+    import signal
+
+    from lightning.pytorch.callbacks import Callback
     from lightning.pytorch.plugins.io import TorchCheckpointIO
 
     from lit_llama_lab.cli import LabCLI
@@ -176,8 +218,39 @@ def main() -> None:
             (Path(path).parent / "WRITING").touch()
             time.sleep(600)
 
-    slow = os.environ.get("LLL_SLOW_SAVE_AT")
+    class FullDiskCheckpointIO(TorchCheckpointIO):
+        """Writes of step ``at`` stop halfway with ENOSPC, as on a full disk."""
+
+        def __init__(self, at: int) -> None:
+            self.at = at
+
+        def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+            if checkpoint["global_step"] != self.at:
+                return super().save_checkpoint(checkpoint, path, storage_options)
+            import io
+
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer)
+            with open(path, "wb") as f:
+                f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    class SigtermAt(Callback):
+        """Sends this process SIGTERM while it trains optimizer step ``at`` (1-based), as a scheduler would."""
+
+        def __init__(self, at: int) -> None:
+            self.at = at
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if trainer.global_step == self.at - 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    slow, full, stop = (os.environ.get(f"LLL_{k}") for k in ("SLOW_SAVE_AT", "FAIL_SAVE_AT", "SIGTERM_AT"))
     defaults = {"plugins": [StallingCheckpointIO(int(slow))]} if slow else {}
+    if full:
+        defaults["plugins"] = [FullDiskCheckpointIO(int(full))]
+    if stop:
+        defaults["callbacks"] = [SigtermAt(int(stop))]
     LabCLI(QLoRAModule, ResumableChatData, args=sys.argv[1:], trainer_defaults=defaults,
            save_config_kwargs={"overwrite": True})
 

@@ -81,7 +81,7 @@ def test_scan_lists_base_adapters_merged_exports_and_gguf(runs, tmp_path):
     choices = scan_models(root, base="tiny-random")
     labels = [choice.label for choice in choices]
     assert labels[0] == "tiny-random (base)"
-    assert "demo · step 5 · val_loss=1.234 · step-5 (adapter)" in labels
+    assert "demo/step-5 · step 5 · val_loss=1.234 (adapter)" in labels
     assert "exports/merged-demo (merged)" in labels
     assert "exports/demo.Q8_0.gguf (gguf)" in labels
     assert len(choices) == 4
@@ -99,7 +99,31 @@ def test_refresh_picks_up_a_new_adapter(runs, tmp_path):
     )
     after = app.model_choices()
     assert len(after) == len(before) + 1
-    assert "second · step 9 · val_loss=0.5 · step-5 (adapter)" in [label for label, _ in after]
+    assert "second/step-5 · step 9 · val_loss=0.5 (adapter)" in [label for label, _ in after]
+
+
+def test_adapters_of_runs_sharing_a_name_get_distinct_labels(runs, tmp_path):
+    """Two save_dirs each holding a run `debug/version_0`: their `last` adapters must not look the same."""
+    root = tmp_path / "runs"
+    for save_dir in ("a", "b"):
+        folder = root / save_dir / "debug" / "checkpoints" / "last"
+        shutil.copytree(runs / "demo" / "checkpoints" / "step-5", folder)
+        (folder / "lit_llama_lab.json").write_text(json.dumps(
+            {"base_model": "tiny-random", "global_step": 6, "monitor": "val_loss", "score": 1.5, "run": "debug/version_0"}))
+    labels = [choice.label for choice in scan_models(root, base="tiny-random") if choice.kind == "adapter"]
+    assert sorted(labels) == ["a/debug/last · version_0 · step 6 · val_loss=1.5 (adapter)",
+                              "b/debug/last · version_0 · step 6 · val_loss=1.5 (adapter)"]
+
+
+def test_an_adapter_without_its_weights_file_gives_a_clear_message(runs, tmp_path):
+    root = tmp_path / "runs"
+    shutil.copytree(runs, root)
+    app = ChatApp(runs_dir=str(root), base_model="tiny-random")
+    value = adapter_value(app)
+    (Path(value) / "adapter_model.safetensors").unlink()  # a checkpoint copied without its weights
+    answer = list(app.respond([], "Hello", None, value, **SAMPLING))[-1][0][-1]["content"]
+    assert answer.startswith(WARNING) and f"{value} has no adapter_model.safetensors" in answer
+    assert "Pick another checkpoint" in answer and "Repo id" not in answer
 
 
 def test_model_cache_keeps_the_two_most_recent(runs, tmp_path):

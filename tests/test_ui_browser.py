@@ -112,7 +112,7 @@ def test_spoken_question_streams_an_answer_then_the_adapter_answers(page: Page, 
     assert len(shown) >= 3, f"the answer should grow over several updates, the page showed {shown}"
     assert len(shown[0]) < len(final), "the first text shown should be a part of the final answer"
 
-    adapter = "demo · step 5 · val_loss=1.234 · step-5 (adapter)"
+    adapter = "demo/step-5 · step 5 · val_loss=1.234 (adapter)"
     page.locator("#model input[role=combobox]").click()
     page.get_by_role("option", name=adapter).click()
     assert page.locator("#model input[role=combobox]").input_value() == adapter

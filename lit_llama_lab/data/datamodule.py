@@ -194,6 +194,7 @@ class ChatDataModule(L.LightningDataModule):
         self.splits: dict = {}  # split name -> datasets.Dataset of input_ids + labels
         self.rows: dict = {}  # split name -> datasets.Dataset of the source rows
         self.stats: dict[str, dict[str, int]] = {}
+        self.source_rows: dict[str, list[int]] = {}  # split name -> each row's number in the source (0-based)
         self._tokenizer = None
 
     @property
@@ -238,11 +239,13 @@ class ChatDataModule(L.LightningDataModule):
         count["truncated"] = sum(truncated)
         self.stats[split] = count
         malformed = [i for i, s in enumerate(status) if s == "malformed"]
+        rows = self.source_rows.get(split) or range(len(status))  # numbered as in the source file, not the split
         if malformed and self.hparams.strict:
-            raise MalformedRowError(f"{split} row {malformed[0]}: {done[malformed[0]]['error']} (--data.strict true)")
+            raise MalformedRowError(f"{split}: source row {rows[malformed[0]]} (0-based): "
+                                    f"{done[malformed[0]]['error']} (--data.strict true)")
         if malformed:
-            log.warning("%s: skipped %d malformed rows (first: %s; first reason: %s)", split, len(malformed),
-                        malformed[:5], done[malformed[0]]["error"])
+            log.warning("%s: skipped %d malformed rows (first source rows, 0-based: %s; first reason: %s)", split,
+                        len(malformed), [rows[i] for i in malformed[:5]], done[malformed[0]]["error"])
         if count["truncated"] or count["dropped"]:
             log.warning("%s: %d examples longer than max_seq_length=%d: %s", split, count["truncated"],
                         self.hparams.max_seq_length, "dropped" if count["dropped"] else "truncated")
@@ -286,6 +289,7 @@ class ChatDataModule(L.LightningDataModule):
         fmt = detect_rows_format(data) if h.format == "auto" else h.format
         picked = split_indices(len(data), h.test_fraction, h.val_fraction, h.seed)
         self.rows = {name: data.select(idx) for name, idx in picked.items()}
+        self.source_rows = picked
         self.splits = {name: self.tokenize_split(part, fmt, name) for name, part in self.rows.items()}
         if self.replay.ratio > 0:
             self.splits["train"] = self.with_replay(self.splits["train"])

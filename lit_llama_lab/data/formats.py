@@ -8,6 +8,7 @@ Sources: ``emoji`` (built in memory), a local .jsonl/.json/.parquet/.csv file or
 from __future__ import annotations
 
 import codecs
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -51,7 +52,13 @@ def _check(messages: list[dict]) -> list[dict]:
     for m in messages:
         if m["role"] not in ROLES:
             raise MalformedRowError(f"unknown role {m['role']!r}")
-        if not isinstance(m["content"], str) or not m["content"].strip():
+        content = m["content"]
+        if content is not None and not isinstance(content, str):
+            kind = "number" if isinstance(content, (int, float)) else type(content).__name__
+            raise MalformedRowError(
+                f"the {m['role']} turn is a {kind} ({content!r}), not text: write it as a string in the file "
+                f"(\"{content}\" in JSON)")
+        if content is None or not content.strip():
             raise MalformedRowError(f"an empty {m['role']} turn")
     if not any(m["role"] == "assistant" for m in messages):
         raise MalformedRowError("no assistant turn")
@@ -128,6 +135,44 @@ def check_utf8(path: Path, chunk: int = 1 << 20) -> None:
         raise ValueError(f"{path} is empty: it holds no rows.")
 
 
+def first_json_error(path: Path) -> str | None:
+    """Where ``path`` stops being valid JSON (``FILE line N: reason``), or None when it parses.
+
+    A ``.json`` file starting with ``[`` or ``{`` is read as one document, anything else as JSON Lines.
+    """
+    with open(path, encoding="utf-8") as handle:
+        start = handle.read(4096).lstrip()[:1]
+        handle.seek(0)
+        if path.suffix.lower() == ".json" and start in ("[", "{"):
+            try:
+                json.load(handle)
+            except json.JSONDecodeError as error:
+                return f"{path} line {error.lineno}: {error.msg} (column {error.colno})"
+            return None
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                return f"{path} line {number}: {error.msg} (column {error.colno}); each line must be one JSON object"
+            if not isinstance(row, dict):
+                return f"{path} line {number}: a JSON {type(row).__name__}, not an object; each line must be one object"
+    return None
+
+
+def csv_text_features(files: list[str]):
+    """Read every CSV column as text: a CSV has no types, and guessing them turns ``007`` into 7 and makes a numeric
+    answer a number instead of a turn to train on. The column names come from the first file's header."""
+    import csv
+
+    import datasets
+
+    with open(files[0], newline="", encoding="utf-8") as handle:
+        header = next(csv.reader(handle), [])
+    return datasets.Features({name: datasets.Value("string") for name in header})
+
+
 def local_files(path: Path) -> tuple[str, list[str]]:
     """The ``datasets`` builder name and the data files of a local file or folder (one file type only)."""
     files = sorted(p for p in path.rglob("*") if p.suffix in LOCAL_SUFFIXES and p.is_file()) if path.is_dir() else [path]
@@ -159,23 +204,30 @@ def load_source(source: str, split: str = "train", subset: str | None = None, ca
         from lit_llama_lab.data.emoji import build_emoji_rows
 
         return datasets.Dataset.from_list(build_emoji_rows())
-    from lit_llama_lab.models import HUB_ID
-    from lit_llama_lab.models import cache_dir as lab_cache
+    from lit_llama_lab.hub import check_hub_dataset
+    from lit_llama_lab.model_source import cache_dir as lab_cache
+    from lit_llama_lab.model_source import local_path_reason
 
     path = Path(source).expanduser()
     if path.exists():
         kind, files = local_files(path)
+        options = {"features": csv_text_features(files)} if kind == "csv" else {}
         try:
             return datasets.load_dataset(
-                kind, data_files=files, split="train", cache_dir=cache_dir or str(lab_cache() / "datasets")
+                kind, data_files=files, split="train", cache_dir=cache_dir or str(lab_cache() / "datasets"), **options
             )
         except Exception as error:  # pyarrow/datasets raise many types for a malformed file
+            where = next(filter(None, map(first_json_error, map(Path, files))), None) if kind == "json" else None
             raise ValueError(
-                f"Could not read {source!r} as {kind}: {type(error).__name__}: {error}. Check that every row is "
-                "valid and has the same columns with the same types."
+                f"Could not read {source!r} as {kind}: " + (f"{where}. Fix or remove that line." if where else
+                f"{type(error).__name__}: {error}. Check that every row is valid and has the same columns with the "
+                "same types.")
             ) from error
-    if not HUB_ID.match(source):
-        raise ValueError(f"Data source {source!r}: no such file or folder, and not a hub id like 'owner/name'.")
+    reason = local_path_reason(source)
+    if reason is not None:
+        raise ValueError(f"Data source {source!r}: no such file or folder, and not a hub id like 'owner/name' "
+                         f"({reason}).")
+    check_hub_dataset(source)
     try:
         return datasets.load_dataset(source, subset, split=split)
     except (ConnectionError, OSError) as error:

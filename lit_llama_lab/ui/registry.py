@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from lit_llama_lab.adapter_files import AdapterFileError, check_adapter_weights
 from lit_llama_lab.models import ADAPTER_METADATA, EMBEDDED_MODELS, TINY_RANDOM, is_adapter_folder
 
 DEFAULT_BASE = "smollm2-135m"
@@ -40,22 +41,27 @@ def _score_text(meta: dict) -> str:
 
 
 def adapter_label(folder: Path, runs_dir: Path) -> str:
-    """``run · step N · val_loss=0.123 · adapter`` from ``lit_llama_lab.json``, else the folder's relative path."""
+    """``where · version · step N · val_loss=0.123 (adapter)``.
+
+    ``where`` is the folder's path under ``runs_dir`` without its ``checkpoints`` part (``emoji/last``): unique, where
+    the run name in ``lit_llama_lab.json`` is not (two save_dirs may each hold a run ``debug/version_0``). The
+    version, step and score come from that file when a checkpoint wrote it.
+    """
     meta_file = folder / ADAPTER_METADATA
     try:
         meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     except (OSError, json.JSONDecodeError):
         meta = {}
-    relative = _relative(folder, runs_dir)
-    parts = [str(meta.get("run") or relative)]
+    parts = ["/".join(p for p in Path(_relative(folder, runs_dir)).parts if p != "checkpoints") or folder.name]
+    run = str(meta.get("run") or "")
+    if "/" in run:  # "name/version_N": the name is in the path already
+        parts.append(run.rsplit("/", 1)[1])
     if meta.get("global_step") is not None:
         parts.append(f"step {meta['global_step']}")
     if meta.get("epoch") is not None and meta.get("global_step") is None:
         parts.append(f"epoch {meta['epoch']}")
     if _score_text(meta):
         parts.append(_score_text(meta))
-    if meta.get("run"):  # the run name alone may be shared by several checkpoints
-        parts.append(folder.name)
     return " · ".join(parts) + " (adapter)"
 
 
@@ -92,7 +98,13 @@ def scan_models(runs_dir: str | Path, extra: Iterable[str] = (), base: str = DEF
     unique: dict[str, ModelChoice] = {}
     for choice in choices:
         unique.setdefault(choice.value, choice)
-    return list(unique.values())
+    return distinct_labels(list(unique.values()))
+
+
+def distinct_labels(choices: list[ModelChoice]) -> list[ModelChoice]:
+    """Choices whose labels are all different: a label shared by two models gets each one's full path appended."""
+    counts = Counter(choice.label for choice in choices)
+    return [replace(c, label=f"{c.label} [{c.value}]") if counts[c.label] > 1 else c for c in choices]
 
 
 def _visible(root: Path, pattern: str) -> list[Path]:
@@ -123,6 +135,11 @@ def check_available(value: str) -> None:
         )
     if path.is_absolute() and path.is_dir() and not (is_adapter_folder(path) or (path / "config.json").is_file()):
         raise ModelUnavailableError(f"The model folder {value} is incomplete (no adapter_config.json or config.json).")
+    if path.is_absolute() and is_adapter_folder(path):
+        try:
+            check_adapter_weights(path)
+        except AdapterFileError as error:
+            raise ModelUnavailableError(f"{error} Press 'Refresh models' and pick another one.") from error
 
 
 class ModelCache:
