@@ -37,6 +37,26 @@ PY
 cat "$OUT/evals.md"
 cp -r runs/eval $W/; for d in runs/emoji-*/version_*; do mkdir -p $W/$d && cp $d/events.* $d/hparams.yaml $W/$d/; done
 tar czf "$OUT/results.tgz" -C $W . 2>/dev/null
+# KEEP=auto: the variant that meets most of issue 16's targets (general accuracy breaks ties)
+[ "${KEEP:-}" = auto ] && KEEP=$("$PY" - <<'PY'
+import json, pathlib
+res = [json.loads(p.read_text()) for p in pathlib.Path("runs/eval").glob("*/metrics.json")]
+base = next((r["metrics"]["accuracy"] for r in res if r["model"] == "smollm2-135m" and r.get("suite") == "general"), 0)
+best = {}
+for r in res:
+    if not r["model"].startswith("runs/emoji-"):
+        continue
+    name, m = r["model"].split("/")[1].removeprefix("emoji-"), r["metrics"]
+    s = best.setdefault(name, [0, 0.0])
+    if r.get("suite") == "general":
+        s[0] += (m["accuracy"] >= 0.95 * base) + (m["leakage"] == 0); s[1] = m["accuracy"]
+    else:
+        need = 0.60 if r["split"] == "test" else 0.97
+        s[0] += (m["name_accuracy"] >= need) + (m["eos_rate"] >= 0.999)
+print(max(best, key=lambda k: tuple(best[k])) if best else "")
+PY
+)
+log "keep: ${KEEP:-none}"
 if [ -n "${KEEP:-}" ] && [ -d "runs/emoji-$KEEP/checkpoints/last" ]; then
   tar cf - -C "runs/emoji-$KEEP/checkpoints" last | split -b 15000000 -d - "$OUT/adapter-$KEEP.tar.part"
 fi
