@@ -123,3 +123,62 @@ def test_spoken_question_streams_an_answer_then_the_adapter_answers(page: Page, 
     assert bots[-1].strip() and not bots[-1].strip().startswith(WARNING.strip()), bots[-1]
     assert shown and shown[-1] == bots[-1].strip()
     print("first answer as shown:", [len(text) for text in first_shown], "adapter answer:", [len(text) for text in shown])
+
+
+# The trained emoji adapter: `make train-emoji` writes it here; EMOJI_ADAPTER points at another copy.
+TUNED = Path(os.environ.get("EMOJI_ADAPTER", "runs/emoji/checkpoints/last"))
+
+
+@pytest.fixture(scope="module")
+def tuned_page(tmp_path_factory):
+    """The app serving a copy of the trained emoji adapter on the real SmolLM2, in a headless page."""
+    import shutil
+
+    from lit_llama_lab.models import is_adapter_folder
+
+    if not is_adapter_folder(TUNED):
+        pytest.skip(f"no trained emoji adapter at {TUNED}: run `make train-emoji` first, or set EMOJI_ADAPTER=FOLDER")
+    runs = tmp_path_factory.mktemp("tuned")
+    shutil.copytree(TUNED, runs / "emoji" / "checkpoints" / "last")
+    demo = build_app(ChatApp(runs_dir=str(runs), base_model="smollm2-135m"))
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
+                            ssr_mode=False, quiet=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1200, "height": 1000})
+        page.set_default_timeout(300_000)
+        page.goto(url)
+        page.wait_for_selector("#send")
+        yield page
+        browser.close()
+    demo.close()
+
+
+def ask(page: Page, question: str) -> str:
+    """A new chat with one question; the final answer as the page shows it."""
+    if page.locator("#chat [data-testid=bot]").count():
+        page.locator("#clear").click()
+        page.wait_for_function("() => !document.querySelector('#chat [data-testid=bot]')")
+    page.locator("#message textarea").fill(question)
+    send_and_wait(page)
+    return page.locator("#chat [data-testid=bot]").last.inner_text().strip()
+
+
+def test_the_tuned_emoji_adapter_names_an_emoji_and_still_answers_an_ordinary_question(tuned_page: Page):
+    """Issue 16: the adapter a user picks in the dropdown names a trained emoji and still chats."""
+    from lit_llama_lab.evaluate import emoji_split, names_emoji
+    from lit_llama_lab.tasks.general import mentions_emoji
+
+    page = tuned_page
+    page.locator("#model input[role=combobox]").click()
+    option = page.get_by_role("option").filter(has_text="emoji/last").first
+    label = option.inner_text().strip()
+    option.click()
+    assert page.locator("#model input[role=combobox]").input_value() == label and "(adapter)" in label
+    trained = {r["character"]: r["short description"] for r in emoji_split("train")}
+    emoji = next(e for e in ("🐼", "🎂", "🤌", "🦩") if e in trained)
+    answer = ask(page, f"What is {emoji}?")
+    assert names_emoji(answer, trained[emoji]), answer
+    answer = ask(page, "What is the capital of France?")
+    assert "paris" in answer.lower() and not mentions_emoji(answer), answer
+    print(f"tuned adapter answers: {emoji} -> {trained[emoji]!r}; France -> {answer[:80]!r}")
