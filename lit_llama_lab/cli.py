@@ -19,6 +19,7 @@ FSDP_STRATEGY = "lit_llama_lab.fsdp.QLoRAFSDPStrategy"
 TOOLS = {
     "evaluate": "lit_llama_lab.evaluate:evaluate",
     "export": "lit_llama_lab.export:export",
+    "verify-export": "lit_llama_lab.export_verify:verify_export_folder",
     "ui": "lit_llama_lab.ui.app:main",
     "bench": "lit_llama_lab.bench:bench",
 }

@@ -135,6 +135,10 @@ def reference_perplexity(model, tokenizer, chats: Sequence[list[dict]], batch_si
     from lit_llama_lab.data.packing import collate_padded
     from lit_llama_lab.module import label_loss
 
+    if hasattr(model, "reference_nll"):  # a GGUF in llama.cpp: the same ids and labels, llama.cpp's logits
+        from lit_llama_lab.llamacpp import runtime_perplexity
+
+        return runtime_perplexity(model, tokenizer, chats)
     device = next(model.parameters()).device
     mean_nll = MeanMetric()
     for chunk in _batches(chats, batch_size, "perplexity"):
@@ -304,6 +308,7 @@ def evaluate(
     emoji_answer: Literal["name", "description"] = "name",
     examples: int = 10,
     quantize: Literal["nf4", "fp4", "none"] | None = None,
+    runtime: Literal["transformers", "llamacpp"] = "transformers",
 ) -> list[dict]:
     """Measure how well models name emoji: name accuracy, eos termination, answer length, reference perplexity.
 
@@ -328,20 +333,23 @@ def evaluate(
         emoji_answer: the training run's ``data.emoji_answer``: the reference answers for perplexity.
         examples: how many answers the report shows (the showcase emoji 🐼 🇺🇸 🎂 🤌 are always added).
         quantize: base weights as ``nf4``, ``fp4`` or ``none``; unset: as the adapter was trained (else nf4).
+        runtime: ``transformers``, or ``llamacpp`` to run .gguf models in llama.cpp with the GGUF's own tokenizer
+            and chat template (needs llama-cpp-python: ``make test-llamacpp``).
 
     Returns the list of results (the metrics.json contents).
     """
-    from lit_llama_lab.models import load_for_inference
+    from lit_llama_lab.llamacpp import check_runtime, load_for_runtime
 
     models, splits, wordings_list = ([x] if isinstance(x, str) else list(x) for x in (model, split, wordings))
     _check_arguments(splits, wordings_list, limit, max_new_tokens, batch_size)
     check_models(models)
+    check_runtime(models, runtime)
     settings = {"limit": limit, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": seed,
                 "test_fraction": test_fraction, "val_fraction": val_fraction, "emoji_answer": emoji_answer}
     torch.manual_seed(seed)
     results = []
     for name in models:
-        loaded, tokenizer = load_for_inference(name, quantize=quantize)
+        loaded, tokenizer = load_for_runtime(name, runtime, quantize)
         for part in splits:
             for words in wordings_list:
                 folder = Path(output_dir) / run_name(name, part, words)
