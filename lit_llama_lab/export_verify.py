@@ -56,15 +56,16 @@ def load_suite(name: str) -> Suite:
 
 def artefacts(folder: Path, checkpoint: Path, gguf_files: Sequence[str]) -> list[tuple[str, str, Callable]]:
     """``(name, runtime, loader)`` for the adapter (first: the reference), the merged folder and every GGUF."""
-    from lit_llama_lab.llamacpp import llama_cpp_available, load_llamacpp
+    from lit_llama_lab.llamacpp import llama_cpp_usable, load_llamacpp
     from lit_llama_lab.models import load_for_inference
 
     found = [("adapter", "transformers", lambda: load_for_inference(str(checkpoint), compute_dtype="float32")),
              ("merged", "transformers",
               lambda: load_for_inference(str(folder), quantize="none", compute_dtype="float32"))]
+    in_llama_cpp = llama_cpp_usable()
     for name in gguf_files:
         found.append((name, "transformers", lambda name=name: load_gguf_in_transformers(folder, name)))
-        if llama_cpp_available():
+        if in_llama_cpp:
             found.append((name, "llamacpp", lambda name=name: load_llamacpp(folder / name)))
     return found
 

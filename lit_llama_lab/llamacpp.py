@@ -11,6 +11,7 @@ llama-cpp-python is optional: ``make test-llamacpp`` builds it from source (CPU)
 from __future__ import annotations
 
 import importlib.util
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -21,6 +22,8 @@ import torch
 
 from lit_llama_lab.generation import Chat, Generation
 
+log = logging.getLogger(__name__)
+
 INSTALL_HINT = (
     "llama-cpp-python is not installed: run `make test-llamacpp` (builds llama-cpp-python 0.3.36 from source into "
     "the virtualenv, about 10 minutes on 2 cores, then runs the llama.cpp proofs)"
@@ -30,6 +33,19 @@ INSTALL_HINT = (
 def llama_cpp_available() -> bool:
     """True when ``llama_cpp`` (llama-cpp-python) can be imported."""
     return importlib.util.find_spec("llama_cpp") is not None
+
+
+def llama_cpp_usable() -> bool:
+    """True when llama-cpp-python is installed and built so that it can run quantized files (see
+    :func:`check_build`); logs why not otherwise."""
+    if not llama_cpp_available():
+        return False
+    try:
+        check_build(require_llama_cpp())
+    except RuntimeError as error:
+        log.warning("%s", error)
+        return False
+    return True
 
 
 def require_llama_cpp():
@@ -47,8 +63,8 @@ def check_build(llama_cpp) -> None:
     if b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info():
         raise RuntimeError(
             "This llama-cpp-python was built with AMX (GGML_NATIVE=ON on an AMX CPU); its AMX weight repacking "
-            "segfaults on quantized GGUF files. Rebuild without it: `make test-llamacpp LLAMACPP_REBUILD=1` (or pip "
-            "install with CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON')."
+            "segfaults on quantized GGUF files. Rebuild it without AMX: `rm -f .venv/.llamacpp && make test-llamacpp` "
+            "(CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON')."
         )
 
 
