@@ -51,14 +51,11 @@ def llama32_tokenizer():
     return tokenizer
 
 
-def make_random_llama3(target: Path, shape: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:
-    """Write a random-weight Llama 3.2-style model (``llama3`` rope, tied embeddings, the real tokenizer) to
-    ``target`` atomically; an existing ``target`` is reused. ``shape``: ``tiny`` or ``1b``."""
+def random_llama3(shape: str = "tiny", seed: int = 0, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer)``: a random-weight Llama 3.2-style model (``llama3`` rope, tied embeddings) in memory,
+    with the real Llama 3.2 tokenizer. ``shape``: ``tiny`` or ``1b`` (Llama-3.2-1B's)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    target = Path(target)
-    if (target / "config.json").is_file():
-        return target
     tokenizer = llama32_tokenizer()
     config = LlamaConfig(vocab_size=VOCAB_SIZE, rms_norm_eps=1e-5, tie_word_embeddings=True, head_dim=64,
                          rope_parameters=dict(LLAMA32_ROPE), bos_token_id=tokenizer.bos_token_id,
@@ -69,6 +66,15 @@ def make_random_llama3(target: Path, shape: str = "tiny", seed: int = 0, dtype: 
         for param in model.parameters():
             if param.ndim == 2:
                 param.normal_(0.0, 0.05)
+    return model.eval(), tokenizer
+
+
+def make_random_llama3(target: Path, shape: str = "tiny", seed: int = 0) -> Path:
+    """Write :func:`random_llama3` to the HF folder ``target`` atomically; an existing ``target`` is reused."""
+    target = Path(target)
+    if (target / "config.json").is_file():
+        return target
+    model, tokenizer = random_llama3(shape, seed)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
