@@ -50,7 +50,12 @@ def run_tool(name: str, args: list[str]) -> None:
         target = getattr(importlib.import_module(module), function)
     except ModuleNotFoundError as error:
         raise SystemExit(f"'{name}' is not available: {error}") from None
-    auto_cli(target, args=args, as_positional=False)
+    from lit_llama_lab.export_verify import ExportVerificationError
+
+    try:
+        auto_cli(target, args=args, as_positional=False)
+    except ExportVerificationError as error:  # a verdict, not a crash: the message, exit status 1
+        raise SystemExit(f"error: {error}") from None
 
 
 def main(args: list[str] | None = None) -> None:

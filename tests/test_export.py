@@ -12,7 +12,6 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lit_llama_lab.export import ExportError, export, fidelity_batch, logit_gap
-from lit_llama_lab.export_verify import ExportVerificationError, verify_export_folder
 from lit_llama_lab.generation import generate
 from lit_llama_lab.gguf_writer import write_gguf
 from lit_llama_lab.llamacpp import llama_cpp_usable
@@ -195,8 +194,10 @@ def test_verify_tables_every_artefact_and_fails_on_a_perturbed_gguf(checkpoint, 
              for k, v in merged.state_dict().items()}
     write_gguf(out / "gguf" / "v-f16.gguf", noisy, merged.config, AutoTokenizer.from_pretrained(out), "f16", "v",
                pre="smollm")
-    with pytest.raises(ExportVerificationError, match=r"gguf/v-f16.gguf \(transformers, emoji.*verified\": false"):
-        verify_export_folder(str(out), limit=6)
+    from lit_llama_lab.cli import main
+
+    with pytest.raises(SystemExit, match=r"gguf/v-f16.gguf \(transformers, emoji.*verified\": false"):
+        main(["verify-export", "--output", str(out), "--limit", "6"])  # exit status 1, the failure named
     record = json.loads((out / "export.json").read_text())
     assert record["verified"] is False and (out / "gguf" / "v-f16.gguf").is_file()
     failed = {r["artefact"] for r in record["verification"]["rows"] if not r["ok"]}
