@@ -326,16 +326,19 @@ def export(
 def verify_export(folder: Path, checkpoint: Path, base_model: str, gguf_files: list[str]) -> dict[str, dict]:
     """Logit gaps (see :func:`logit_gap`) to base+adapter as trained (4-bit), on :data:`FIDELITY_PROMPTS`:
     of the saved safetensors model and of each GGUF file as transformers loads it, all run in float32."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if base_model != read_checkpoint(checkpoint)["base_model"]:
         return {}  # base+adapter as trained cannot be rebuilt from another base
+    config = AutoConfig.from_pretrained(folder)
     reference, tokenizer = load_for_inference(str(checkpoint), compute_dtype="float32")
     batch = fidelity_batch(tokenizer)
     gaps = {}
     for name in ["model.safetensors", *gguf_files]:
         path = folder / name
+        # the export's config for GGUFs too: transformers' GGUF reader drops Llama 3's rope scaling
         kwargs = {"gguf_file": path.name} if name.endswith(".gguf") else {"use_safetensors": True}
-        candidate = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs).eval()
+        candidate = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, config=config,
+                                                         **kwargs).eval()
         gaps[name] = logit_gap(reference, candidate, batch)
     return gaps

@@ -164,3 +164,4 @@ def test_unsupported_rope_refuses_before_writing(tiny_base, tmp_path):
     with pytest.raises(GgufExportError, match="'yarn'; pass --gguf none"):
         export(str(checkpoint), str(tmp_path / "out"), gguf="f16")
     assert not Path(tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
