@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/emoji.yaml
 ARGS ?=
 
-.PHONY: install test test-llamacpp eval-llamacpp test-ui lint train-emoji train-debug train-finetome train-finetome-tuned eval-emoji tensorboard ui bench bench-data export clean
+.PHONY: install test test-llamacpp eval-llamacpp llama-quantize test-ui lint train-emoji train-debug train-finetome train-finetome-tuned eval-emoji tensorboard ui bench bench-data export clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -39,9 +39,23 @@ $(LLAMACPP_STAMP): $(STAMP)
 		--no-binary llama-cpp-python "$(LLAMACPP)"
 	touch $(LLAMACPP_STAMP)
 
+# llama.cpp's llama-quantize, for K-quant GGUF types (--gguf q4_k_m), built static from the same source distribution
+# into the venv's bin (on PATH for make's targets): make llama-quantize (about 10 minutes on 2 cores).
+$(BIN)/llama-quantize: $(STAMP)
+	rm -rf build/llamacpp && mkdir -p build/llamacpp
+	$(BIN)/python -m pip download -q --no-deps --no-binary :all: "$(LLAMACPP)" -d build/llamacpp
+	tar xzf build/llamacpp/*.tar.gz -C build/llamacpp
+	cmake -S build/llamacpp/llama_cpp_python-*/vendor/llama.cpp -B build/llamacpp/build $(LLAMACPP_CMAKE) \
+		-DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+		-DCMAKE_BUILD_TYPE=Release
+	cmake --build build/llamacpp/build --target llama-quantize -j $$(nproc)
+	cp build/llamacpp/build/bin/llama-quantize $(BIN)/llama-quantize
+
+llama-quantize: $(BIN)/llama-quantize
+
 test-llamacpp: $(LLAMACPP_STAMP)
 	command -v go >/dev/null || (apt-get update && apt-get install -y --no-install-recommends golang-go)
-	$(BIN)/python -m pytest -q tests/test_llamacpp.py tests/test_gguf.py $(ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q tests/test_llamacpp.py tests/test_gguf.py $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check lit_llama_lab callbacks tests

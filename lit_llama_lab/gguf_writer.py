@@ -13,6 +13,7 @@ import math
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -203,13 +204,15 @@ def write_gguf(
 
 
 def require_quantize_binary(qtype: str) -> str:
-    """The path of ``llama-quantize`` for a K-quant ``qtype``; raises :class:`GgufExportError` naming the fix."""
-    binary = shutil.which(QUANTIZE_BINARY)
+    """The path of ``llama-quantize`` (on PATH, else beside the Python interpreter) for a K-quant ``qtype``; raises
+    :class:`GgufExportError` naming the fix."""
+    beside_python = Path(sys.executable).parent / QUANTIZE_BINARY  # `make llama-quantize` puts it in the venv
+    binary = shutil.which(QUANTIZE_BINARY) or (str(beside_python) if beside_python.is_file() else None)
     if binary is None:
         raise GgufExportError(
             f"GGUF type {qtype!r} is a K-quant, which only llama.cpp's {QUANTIZE_BINARY} binary writes, and it is not "
-            f"on PATH. Build llama.cpp (cmake -B build && cmake --build build --target llama-quantize) and put "
-            f"build/bin on PATH, or choose one of {', '.join(GGUF_TYPES)}."
+            f"on PATH nor in the virtualenv. Run `make llama-quantize` (builds it into .venv/bin), or choose one of "
+            f"{', '.join(GGUF_TYPES)}."
         )
     return binary
 

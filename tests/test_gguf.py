@@ -17,7 +17,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from lit_llama_lab.export import ExportError, export, fidelity_batch, logit_gap, parse_gguf_types
 from lit_llama_lab.export_verify import load_gguf_in_transformers
 from lit_llama_lab.gguf_tokenizer import TokenizerExportError, pre_tokenizer_name
-from lit_llama_lab.gguf_writer import GgufExportError, check_architecture, llama3_rope_factors
+from lit_llama_lab.gguf_writer import GgufExportError, check_architecture, llama3_rope_factors, require_quantize_binary
 from lit_llama_lab.models import end_of_turn_token, fix_special_tokens
 from lit_llama_lab.ollama import chat_frame, modelfile_text, stop_strings
 
@@ -144,8 +144,10 @@ def test_native_types_round_trip_through_transformers(tiny_base, tmp_path):
 def test_bad_gguf_requests_name_the_fix():
     with pytest.raises(ExportError, match="q4_k_m.*llama-quantize"):
         parse_gguf_types("f16,q3_0")
-    if shutil.which("llama-quantize") is None:
-        with pytest.raises(GgufExportError, match="llama-quantize binary.*not on PATH"):
+    try:
+        require_quantize_binary("q4_k_m")
+    except GgufExportError:  # only where the binary is missing: the K-quant is refused before any work
+        with pytest.raises(GgufExportError, match="llama-quantize binary.*make llama-quantize"):
             parse_gguf_types("q4_k_m")
     with pytest.raises(GgufExportError, match="Llama-architecture models only.*--gguf none"):
         check_architecture(Qwen2Config())

@@ -120,3 +120,31 @@ def test_smollm2_gguf_answers_in_llama_cpp_as_in_transformers(tmp_path):
         assert runtime.is_end_of_generation(tokenizer.convert_tokens_to_ids(stops[0]))
     finally:
         runtime.close()
+
+
+def quantize_binary() -> bool:
+    from lit_llama_lab.gguf_writer import GgufExportError, require_quantize_binary
+
+    try:
+        return bool(require_quantize_binary("q4_k_m"))
+    except GgufExportError:
+        return False
+
+
+@pytest.mark.skipif(not quantize_binary(), reason="needs llama.cpp's llama-quantize: make llama-quantize")
+def test_k_quant_made_by_llama_quantize_runs_in_llama_cpp(tmp_path):
+    import gguf
+    from test_export import make_checkpoint
+
+    checkpoint = make_checkpoint(tmp_path / "ckpt")
+    out = export(str(checkpoint), str(tmp_path / "k"), gguf="q4_k_m", dtype="float32", verify=False)
+    assert sorted(p.name for p in (out / "gguf").iterdir()) == ["k-q4_k_m.Modelfile", "k-q4_k_m.gguf"]
+    reader = gguf.GGUFReader(out / "gguf" / "k-q4_k_m.gguf")
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    runtime = LlamaCppModel(out / "gguf" / "k-q4_k_m.gguf")
+    try:
+        model, tokenizer = load_gguf_in_transformers(out, "gguf/k-q4_k_m.gguf")
+        check_tokenizer(runtime, tokenizer)
+        assert max_logit_gap(runtime, model, tokenizer) < KERNEL_TOLERANCE
+    finally:
+        runtime.close()
