@@ -177,6 +177,13 @@ def verify_export_folder(output: str, limit: int = 200, suites: list[str] | None
 
     Reads the checkpoint and GGUF files from its export.json; raises :class:`ExportVerificationError` (exit 1)
     when an artefact fails. Returns the verification record.
+
+    Args:
+        output: the export folder (holding export.json).
+        limit: emoji of the test split each artefact answers (a seeded sample).
+        suites: extra suites, ``module:function``, besides the emoji one.
+        max_drop: largest allowed fall below the adapter on any suite score, in points.
+        min_agreement: smallest allowed fraction of emoji answers identical to the adapter's.
     """
     folder = Path(output).expanduser()
     meta_file = folder / "export.json"
