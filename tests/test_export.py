@@ -13,6 +13,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lit_llama_lab.export import ExportError, export, fidelity_batch, logit_gap
 from lit_llama_lab.generation import generate
+from lit_llama_lab.gguf_writer import write_gguf
+from lit_llama_lab.llamacpp import llama_cpp_usable
 from lit_llama_lab.models import load_base_model, load_for_inference
 
 PROMPTS = ["What is 🐍?", "Name the following emoji: 🎉", "Tell me a story about a cat.", "2+2="]
@@ -72,7 +74,8 @@ def test_merged_logits_equal_adapter_logits(checkpoint, tmp_path):
 def test_merge_into_original_is_further_from_the_trained_model(checkpoint, tmp_path):
     gaps = {}
     for merge_into in ("dequantized", "original"):
-        out = export(str(checkpoint), str(tmp_path / merge_into), merge_into=merge_into, gguf="", dtype="float32")
+        out = export(str(checkpoint), str(tmp_path / merge_into), merge_into=merge_into, gguf="", dtype="float32",
+                     verify_limit=0)
         gaps[merge_into] = json.loads((out / "export.json").read_text())["logit_gap_vs_adapter"]["model.safetensors"]
     assert gaps["dequantized"]["max_abs"] < MERGE_TOLERANCE < gaps["original"]["max_abs"]
 
@@ -81,7 +84,8 @@ def test_exported_folder_holds_tokenizer_config_and_metadata(fp16_export, checkp
     names = {p.name for p in fp16_export.iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja",
             "export.json", "gguf"} <= names
-    assert sorted(os.listdir(fp16_export / "gguf")) == ["tiny-f16.gguf", "tiny-q8_0.gguf"]
+    assert sorted(os.listdir(fp16_export / "gguf")) == ["tiny-f16.Modelfile", "tiny-f16.gguf", "tiny-q8_0.Modelfile",
+                                                        "tiny-q8_0.gguf"]
     tokenizer = AutoTokenizer.from_pretrained(fp16_export)
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.pad_token_id != tokenizer.eos_token_id
     generation = json.loads((fp16_export / "generation_config.json").read_text())
@@ -125,7 +129,7 @@ def test_cli_runs_export(checkpoint, tmp_path):
 
     main(["export", "--checkpoint", str(checkpoint), "--output", str(tmp_path / "cli"), "--gguf", "q8_0",
           "--verify", "false"])
-    assert os.listdir(tmp_path / "cli" / "gguf") == ["cli-q8_0.gguf"]
+    assert sorted(os.listdir(tmp_path / "cli" / "gguf")) == ["cli-q8_0.Modelfile", "cli-q8_0.gguf"]
 
 
 def test_bad_checkpoints_give_clear_errors(tmp_path):
@@ -187,6 +191,32 @@ def test_failed_export_leaves_nothing_and_keeps_old_output(checkpoint, tmp_path)
     with pytest.raises(ValueError, match="rotary"):
         export(str(checkpoint), str(out), base_model=str(tmp_path / "scaled-base"), overwrite=True)
     assert sorted(os.listdir(out.parent)) == ["model"] and sorted(os.listdir(out)) == ["export.json", "old.txt"]
+
+
+def test_verify_tables_every_artefact_and_fails_on_a_perturbed_gguf(checkpoint, tmp_path, capsys):
+    """export --verify answers a test-split sample with each artefact; a GGUF whose weights were damaged after the
+    export answers unlike the adapter, so verifying the folder again fails, keeping the files, marked unverified."""
+    out = export(str(checkpoint), str(tmp_path / "v"), gguf="f16", dtype="float32", verify_limit=4)
+    record = json.loads((out / "export.json").read_text())
+    assert record["verified"] is True and "| artefact | runtime |" in capsys.readouterr().out
+    rows = {(r["artefact"], r["runtime"]) for r in record["verification"]["rows"]}
+    assert {("adapter", "transformers"), ("merged", "transformers"), ("gguf/v-f16.gguf", "transformers")} <= rows
+    assert (("gguf/v-f16.gguf", "llamacpp") in rows) == llama_cpp_usable()  # llama.cpp itself, when built
+    adapter = record["verification"]["rows"][0]
+    assert adapter["agreement"] == 1.0 and adapter["drop_points"] == 0 and record["verification"]["sample"] == 4
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    noisy = {k: v + 0.5 * torch.randn(v.shape, generator=torch.Generator().manual_seed(1))
+             for k, v in merged.state_dict().items()}
+    write_gguf(out / "gguf" / "v-f16.gguf", noisy, merged.config, AutoTokenizer.from_pretrained(out), "f16", "v",
+               pre="smollm")
+    from lit_llama_lab.cli import main
+
+    with pytest.raises(SystemExit, match=r"gguf/v-f16.gguf \(transformers, emoji.*verified\": false"):
+        main(["verify-export", "--output", str(out), "--limit", "4"])  # exit status 1, the failure named
+    record = json.loads((out / "export.json").read_text())
+    assert record["verified"] is False and (out / "gguf" / "v-f16.gguf").is_file()
+    failed = {r["artefact"] for r in record["verification"]["rows"] if not r["ok"]}
+    assert failed == {"gguf/v-f16.gguf"}  # in transformers and, when built, in llama.cpp
 
 
 @pytest.mark.slow
