@@ -299,7 +299,8 @@ def export(
             a non-empty folder without our ``export.json`` is never replaced.
         gguf_pre: llama.cpp pre-tokenizer name to write, for a tokenizer whose name is not recognised.
         verify_limit: emoji of the test split each artefact answers (0: logit gaps only).
-        verify_suites: extra suites, ``module:function`` (see :mod:`lit_llama_lab.export_verify`).
+        verify_suites: suites besides the emoji one: ``general`` (the general-ability suite, the default) or
+            ``module:function`` (see :mod:`lit_llama_lab.export_verify`); ``[]`` for none.
         max_drop: largest allowed fall below the adapter on any suite score, in points.
         min_agreement: smallest allowed fraction of emoji answers identical to the adapter's.
     """

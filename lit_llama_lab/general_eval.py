@@ -72,3 +72,15 @@ def evaluate_general(model, tokenizer, model_name: str, settings: dict, output_d
     write_atomic(output_dir / "report.md", report)
     write_atomic(output_dir / "metrics.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return result
+
+
+def general_suite(model, tokenizer, limit: int | None, seed: int = 42) -> dict:
+    """The general suite as an export-verification suite (:mod:`lit_llama_lab.export_verify`): accuracy and the
+    share of answers free of the task's template (``1 - leakage``) on a seeded sample of ``limit`` items."""
+    from lit_llama_lab.evaluate import sample_rows
+    from lit_llama_lab.tasks.general import load_suite
+
+    records = answer_suite(model, tokenizer, sample_rows(load_suite(), limit, seed), 128, batch_size=16)
+    metrics = general_metrics(records)
+    return {"scores": {"general_accuracy": metrics["accuracy"], "no_leakage": 1 - metrics["leakage"]},
+            "answers": [r["answer"] for r in records]}
