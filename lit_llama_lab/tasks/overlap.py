@@ -91,8 +91,10 @@ def closeness(replay: str, suite_prompt: str) -> str | None:
         return f"Jaccard {jaccard(words_a, words_b):.2f}"
     if len(words_b) >= MIN_CONTAINED and containment(words_b, words_a) >= MAX_CONTAINMENT:
         return f"holds {containment(words_b, words_a):.0%} of its content words"
+    if 2 * min(len(a), len(b)) < MAX_RATIO * (len(a) + len(b)):  # the ratio's upper bound, without a matcher
+        return None
     matcher = SequenceMatcher(None, a, b, autojunk=False)
-    if matcher.real_quick_ratio() >= MAX_RATIO and matcher.quick_ratio() >= MAX_RATIO and matcher.ratio() >= MAX_RATIO:
+    if matcher.quick_ratio() >= MAX_RATIO and matcher.ratio() >= MAX_RATIO:
         return f"character similarity {matcher.ratio():.2f}"
     return None
 
