@@ -124,8 +124,8 @@ ADVICE = [
 ]
 WRITE = ["Write a short {} about {}.", "Could you write a {} about {}?", "Draft a {} about {}.",
          "Please write a brief {} on {}."]
-FORMS = ["poem", "haiku", "story", "limerick", "paragraph", "product description", "blog intro", "speech opening",
-         "diary entry", "song verse", "motivational message", "news headline and lede"]
+FORMS = ["poem", "haiku", "story", "limerick", "descriptive paragraph", "bedtime story", "four-line poem",
+         "diary entry", "song verse", "scene for a play", "fable", "free-verse poem"]
 SUBJECTS = [
     "a rainy afternoon", "a lost umbrella", "the first day at a new school", "a lighthouse keeper",
     "a cup of coffee", "learning to ride a bike", "a city at night", "an old library", "a robot learning to paint",
@@ -176,7 +176,7 @@ WORDS = [
     "bolster", "coherent",
 ]
 COMPARE = ["What's the difference between {} and {}?", "How is {} different from {}?", "Compare {} and {}.",
-           "{} or {}: which should I choose, and why?"]
+           "Can you explain how {} and {} differ?"]
 PAIRS = [
     ("a virus", "a bacterium"), ("weather", "climate"), ("a crocodile", "an alligator"), ("empathy", "sympathy"),
     ("affect", "effect"), ("a latte", "a cappuccino"), ("renting", "buying a home"), ("a Roth IRA", "a traditional IRA"),
@@ -386,6 +386,7 @@ def main() -> None:
     suite = [row["prompt"] for row in load_suite()]
     kept, seen = [], set()
     for prompt in candidates():
+        prompt = prompt[0].upper() + prompt[1:]
         close = too_close(prompt, suite)
         if close or prompt in seen or mentions_emoji(prompt):
             print(f"dropped {prompt!r}" + (f" (close to suite prompt {close!r})" if close else ""))
