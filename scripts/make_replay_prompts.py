@@ -208,7 +208,7 @@ LISTS = [
     "What are some polite ways to say no?", "Suggest some themes for a costume party.",
     "Give me five writing prompts for a short story.", "What are some good snacks for a long hike?",
     "List some useful keyboard shortcuts on a Mac.", "What are some ways to practice gratitude?",
-    "Suggest a few podcasts topics for a beginner podcaster.", "List some things to do before moving out of an apartment.",
+    "Suggest a few topics for a beginner's podcast.", "List some things to do before moving out of an apartment.",
     "What are some common interview questions?", "Give me some ideas for a team-building activity.",
     "What are some good habits for learning math?", "List some ways to make a long meeting shorter.",
 ]
