@@ -80,6 +80,15 @@ def test_count_accepts_plurals_and_synonym_groups():
     assert not check_answer("Spring, summer, autumn and fall.", seasons)  # two synonyms count once
 
 
+def test_count_a_mention_inside_a_longer_item_counts_for_that_item_only():
+    languages = {"count": {"min": 3, "of": ["C", "C++", "Java", "Python"]}}
+    assert not check_answer("C++ and Java.", languages)
+    assert check_answer("C, C++ and Java.", languages)
+    sea = {"count": {"min": 2, "of": ["turtle", "sea turtle", "shark"]}}
+    assert not check_answer("A sea turtle.", sea)
+    assert check_answer("A sea turtle and a shark.", sea)
+
+
 @pytest.mark.parametrize(("answer", "expected"), [
     ("84", True),
     ("12 x 7 = 84", True),

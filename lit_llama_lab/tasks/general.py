@@ -5,7 +5,8 @@ of conditions that must all hold for an answer to count as correct (:func:`check
 
 - ``any``: at least one of these phrases appears; ``all``: every one appears;
 - ``count``: ``{"min": k, "of": [...]}``, at least ``k`` distinct items appear (an item may be a list of synonyms;
-  plural forms count: "apples" for "apple", "cherries" for "cherry");
+  plural forms count: "apples" for "apple", "cherries" for "cherry"; a mention inside a longer item's mention
+  counts for the longer item only: "C++" is not also "C");
 - ``number``: the answer states this number on its own ("84", "84.0", "1,000", "= 84"; not "184" or "8.4"); a
   spelled-out English number from zero to a hundred counts too, except "one" (also a pronoun);
 - ``yesno``: the first yes/no word of the answer is the expected ``"yes"`` or ``"no"``;
@@ -113,8 +114,17 @@ def first_yesno(answer: str) -> str | None:
 
 
 def _counted(answer: str, count: dict) -> int:
+    """Distinct items of ``count["of"]`` named in ``answer``. A mention inside a longer item's mention is that item
+    alone: "C++" is not also "C", "sea turtle" not also "turtle"."""
+    text = normalize(answer)
     items = [[item] if isinstance(item, str) else item for item in count["of"]]
-    return sum(any(has_phrase(answer, synonym, plural=True) for synonym in item) for item in items)
+    found = [(match.start(), match.end(), index) for index, item in enumerate(items) for phrase in item
+             for match in _phrase(normalize(phrase).strip(), True).finditer(text)]
+
+    def inside_another(start: int, end: int, index: int) -> bool:
+        return any(other != index and s <= start and end <= e and (s, e) != (start, end) for s, e, other in found)
+
+    return len({index for start, end, index in found if not inside_another(start, end, index)})
 
 
 def check_answer(answer: str, check: dict) -> bool:
