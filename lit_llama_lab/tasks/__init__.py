@@ -1,0 +1,1 @@
+"""Evaluation tasks beyond the emoji splits: the offline general-ability suite (:mod:`lit_llama_lab.tasks.general`)."""
