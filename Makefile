@@ -55,10 +55,10 @@ llama-quantize: $(BIN)/llama-quantize
 
 test-llamacpp: $(LLAMACPP_STAMP)
 	command -v go >/dev/null || (apt-get update && apt-get install -y --no-install-recommends golang-go)
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q tests/test_llamacpp.py tests/test_gguf.py $(ARGS)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q tests/tools/test_llamacpp.py tests/tools/test_gguf.py $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check lit_llama_lab callbacks tests
+	$(BIN)/ruff check lit_llama_lab tests scripts docs
 
 train-emoji: $(STAMP)
 	$(BIN)/lit-llama-lab fit --config configs/emoji.yaml $(ARGS)
@@ -95,13 +95,13 @@ ui: $(STAMP)
 # The browser test needs Debian's chromium; make test runs it only where /usr/bin/chromium exists.
 test-ui: $(STAMP)
 	test -x /usr/bin/chromium || (apt-get update && apt-get install -y --no-install-recommends chromium)
-	$(BIN)/python -m pytest -q tests/test_ui.py tests/test_ui_browser.py $(ARGS)
+	$(BIN)/python -m pytest -q tests/tools/test_ui.py tests/e2e/test_ui_browser.py $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/lit-llama-lab bench $(ARGS)
 
 bench-data: $(STAMP)
-	$(BIN)/python -m lit_llama_lab.bench_data $(ARGS)
+	$(BIN)/python -m lit_llama_lab.tools.bench_data $(ARGS)
 
 tensorboard: $(STAMP)
 	$(BIN)/tensorboard --logdir runs --host 127.0.0.1 --port 6006

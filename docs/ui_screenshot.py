@@ -10,7 +10,7 @@ from pathlib import Path
 
 from playwright.sync_api import sync_playwright
 
-from lit_llama_lab.ui.app import ChatApp, build_app
+from lit_llama_lab.tools.ui.app import ChatApp, build_app
 
 HERE = Path(__file__).parent
 SPOKEN = HERE.parent / "tests" / "data" / "capital_of_france.wav"

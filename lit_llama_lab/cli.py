@@ -14,33 +14,34 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from lit_llama_lab.data.datamodule import ChatDataModule  # noqa: E402
-from lit_llama_lab.module import QLoRAModule  # noqa: E402
+from lit_llama_lab.train.module import QLoRAModule  # noqa: E402
 
-FSDP_STRATEGY = "lit_llama_lab.fsdp.QLoRAFSDPStrategy"
+FSDP_STRATEGY = "lit_llama_lab.model.fsdp.QLoRAFSDPStrategy"
 STOPPED_BY_SIGTERM = 128 + signal.SIGTERM  # the exit status of a run a scheduler stopped: 143, never 0
 # Subcommands that are not Trainer methods: name -> "module:function" run through jsonargparse.
 TOOLS = {
-    "evaluate": "lit_llama_lab.evaluate:evaluate",
-    "export": "lit_llama_lab.export:export",
-    "verify-export": "lit_llama_lab.export_verify:verify_export_folder",
-    "ui": "lit_llama_lab.ui.app:main",
-    "bench": "lit_llama_lab.bench:bench",
+    "evaluate": "lit_llama_lab.tools.evaluate:evaluate",
+    "export": "lit_llama_lab.tools.export:export",
+    "verify-export": "lit_llama_lab.tools.export_verify:verify_export_folder",
+    "ui": "lit_llama_lab.tools.ui.app:main",
+    "bench": "lit_llama_lab.tools.bench:bench",
 }
 
 
 class LabCLI(LightningCLI):
-    """LightningCLI with the model's base and attention linked into the data module."""
+    """LightningCLI with the model's base linked into the data module (its tokenizer, the replay's answering
+    model)."""
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.link_arguments("model.name_or_path", "data.tokenizer")
-        parser.link_arguments("model.attn_implementation", "data.attn_implementation")
         # replay answers come from the model training starts from: base + init_adapter, or the base
         parser.link_arguments(("model.name_or_path", "model.init_adapter"), "data.replay.model",
                               compute_fn=starting_model)
         parser.link_arguments("model.quantize", "data.replay.quantize")
 
     def before_instantiate_classes(self) -> None:
-        """``--trainer.strategy fsdp`` means :class:`lit_llama_lab.fsdp.QLoRAFSDPStrategy` (adapter-only checkpoints)."""
+        """``--trainer.strategy fsdp`` means :class:`lit_llama_lab.model.fsdp.QLoRAFSDPStrategy` (adapter-only
+        checkpoints)."""
         from jsonargparse import Namespace
 
         config = self.config.get(self.subcommand) if self.subcommand else self.config
@@ -49,7 +50,7 @@ class LabCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """Refuse at once, before data and model load, a fit into a folder holding another run's checkpoints."""
-        from callbacks.checkpoint import AdapterCheckpoint
+        from lit_llama_lab.train.callbacks.checkpoint import AdapterCheckpoint
 
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
         for callback in self.trainer.checkpoint_callbacks:
@@ -90,7 +91,7 @@ def run_tool(name: str, args: list[str]) -> None:
         target = getattr(importlib.import_module(module), function)
     except ModuleNotFoundError as error:
         raise SystemExit(f"'{name}' is not available: {error}") from None
-    from lit_llama_lab.export_verify import ExportVerificationError
+    from lit_llama_lab.tools.export_verify import ExportVerificationError
 
     try:
         auto_cli(target, args=bare_flags(target, args), as_positional=False)

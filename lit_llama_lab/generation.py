@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lit_llama_lab.fast import VARLEN, unwrap_peft
+from lit_llama_lab.model.adapters import unwrap_peft
+from lit_llama_lab.speed.attention import VARLEN
 
 Chat = list[dict]
 
@@ -45,13 +46,13 @@ def generate(
     chat. ``progress``: a progress bar of that title over the batches. The model's training/eval mode is restored
     afterwards. Runs eagerly even when training compiled the
     decoder layers: a growing KV cache would recompile them at every new length. A model training with FlashAttention
-    varlen (:data:`lit_llama_lab.fast.VARLEN`) generates through sdpa, then gets varlen back: transformers builds no
+    varlen (:data:`lit_llama_lab.speed.attention.VARLEN`) generates through sdpa, then gets varlen back: transformers builds no
     mask for varlen, so the left padding here would be attended to. A model with an ``answer_chats`` method (a GGUF in
     llama.cpp) answers through it, with its own tokenizer and chat template.
     """
     if streamer is not None and len(chats) != 1:
         raise ValueError("Streaming needs exactly one chat.")
-    if hasattr(model, "answer_chats"):  # another runtime (lit_llama_lab.llamacpp.LlamaCppModel): its own tokenizer
+    if hasattr(model, "answer_chats"):  # another runtime (lit_llama_lab.tools.llamacpp.LlamaCppModel): its own tokenizer
         return model.answer_chats(chats, max_new_tokens=max_new_tokens, temperature=temperature, min_p=min_p)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos

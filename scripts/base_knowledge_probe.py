@@ -7,9 +7,9 @@ work out from trained parts) and the two-letter flags by their letters.
 
 import torch
 
-from lit_llama_lab.data.datamodule import split_indices
-from lit_llama_lab.data.emoji import build_emoji_rows, flag_letters
-from lit_llama_lab.models import load_base_model
+from lit_llama_lab.data.splits import split_indices
+from lit_llama_lab.model.load import load_base_model
+from lit_llama_lab.tasks.emoji.rows import build_emoji_rows, flag_letters
 
 EMOJI_SHOTS = "🐼 is the panda emoji.\n🎂 is the birthday cake emoji.\n🚀 is the rocket emoji.\n😀 is the grinning face emoji.\n"
 CODE_SHOTS = ("Country code: FR means France\nCountry code: DE means Germany\nCountry code: JP means Japan\n"

@@ -16,12 +16,12 @@ import time
 import lightning as L
 import torch
 
-from callbacks import AdapterCheckpoint, SampleGenerations
 from lit_llama_lab.cli import LabCLI
 from lit_llama_lab.data.datamodule import ChatDataModule
-from lit_llama_lab.data.emoji import HELDOUT_WORDINGS, TRAIN_WORDINGS
 from lit_llama_lab.generation import generate
-from lit_llama_lab.module import QLoRAModule
+from lit_llama_lab.tasks.emoji.rows import HELDOUT_WORDINGS, TRAIN_WORDINGS
+from lit_llama_lab.train.callbacks import AdapterCheckpoint, SampleGenerations
+from lit_llama_lab.train.module import QLoRAModule
 
 
 class PhaseTimer(L.Callback):

@@ -18,7 +18,7 @@ from lit_llama_lab.tasks.general import general_records, load_suite, score_gener
 def answer(rows: list[dict], model_name: str, device: str, max_new_tokens: int) -> list[str]:
     """The model's greedy answers to the suite's prompts, printing progress per batch of 16."""
     from lit_llama_lab.generation import generate
-    from lit_llama_lab.models import load_for_inference
+    from lit_llama_lab.model.load import load_for_inference
 
     model, tokenizer = load_for_inference(model_name, device=device)
     chats = [[{"role": "user", "content": row["prompt"]}] for row in rows]

@@ -33,7 +33,7 @@ run() {
 
 ONE_B=(--shape llama-3.2-1b --seq_len 2048 --micro_batch 4 --rank 16 --doc_len 512 --steps 20 --warmup 3)
 if [ "$STAGE" != loss ]; then  # the random-weight 1B model is written to the cache once, before the variants race
-  timeout 150 "$PY" -c "from lit_llama_lab.bench import shape_model; print(shape_model('llama-3.2-1b', '${TOKENIZER:-smollm2-135m}'))" \
+  timeout 150 "$PY" -c "from lit_llama_lab.tools.bench import shape_model; print(shape_model('llama-3.2-1b', '${TOKENIZER:-smollm2-135m}'))" \
     > "$OUT/prepare.log" 2>&1 || echo "prepare failed: see prepare.log" | tee -a "$OUT/summary.log"
 fi
 if [ "$STAGE" = speed ]; then
@@ -45,7 +45,7 @@ elif [ "$STAGE" = speed2 ]; then   # the fastest eager-compiled paths, and a rep
   run compile_graphs 150 "${ONE_B[@]}" --real_data false --paths ours+varlen+compile+graphs
 elif [ "$STAGE" = speed3 ]; then
   run main           200 "${ONE_B[@]}" --real_data false --paths baseline,ours+varlen+graphs,ours+varlen+graphs+bf16act
-  run old_chunk      100 "${ONE_B[@]}" --real_data false --paths ours+varlen+graphs --ce_chunk 1046
+  # (session 3 also ran `--ce_chunk 1046` here; ours now always computes training's loss, so that option is gone)
   run compile        150 "${ONE_B[@]}" --real_data false --paths ours+varlen+compile
 elif [ "$STAGE" = speed4 ]; then  # compiled layers recomputed whole under checkpointing (checkpoint_kwargs)
   run main    260 "${ONE_B[@]}" --real_data false --paths baseline,baseline+amp,ours+varlen+graphs,ours+graphs+compile

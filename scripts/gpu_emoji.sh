@@ -7,8 +7,8 @@ OUT=${OUT:?set OUT}; PY=python3; mkdir -p "$OUT"; START=$(date +%s)
 log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.log"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/summary.log" 2>&1
 "$PY" -c "import torch, transformers, peft, bitsandbytes, lightning; print(torch.__version__, transformers.__version__, peft.__version__, bitsandbytes.__version__, lightning.__version__)" >> "$OUT/summary.log" 2>&1
-log "convert"; "$PY" -c "from lit_llama_lab.models import load_tokenizer; load_tokenizer('smollm2-135m'); load_tokenizer('tiny-random')" > "$OUT/run.log" 2>&1
-log "gpu tests"; timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_graphs.py >> "$OUT/run.log" 2>&1; log "pytest rc=$?"
+log "convert"; "$PY" -c "from lit_llama_lab.model.load import load_tokenizer; load_tokenizer('smollm2-135m'); load_tokenizer('tiny-random')" > "$OUT/run.log" 2>&1
+log "gpu tests"; timeout 150 "$PY" -m pytest -q -p no:cacheprovider tests/gpu/test_graphs.py >> "$OUT/run.log" 2>&1; log "pytest rc=$?"
 log "fit"; rm -rf runs/emoji
 EVAL_LIMIT=1 timeout ${FIT_LIMIT:-330} "$PY" scripts/emoji_experiment.py "$OUT/fit.json" fit --config configs/emoji.yaml ${FIT_ARGS:-} > "$OUT/fit.log" 2>&1
 log "fit rc=$?"; grep -E '"(train_seconds|steps|epochs|tokens_per_s|peak_gib|val_loss|train_batches|validation|first_batches|batch_shapes|sanity_check|model_load|sample_tables|checkpoint_writes|before_first_batch|after_train_end)"' "$OUT/fit.json" | tee -a "$OUT/summary.log"

@@ -16,7 +16,7 @@ from collections import defaultdict
 
 import torch
 
-from lit_llama_lab.bench import model_vocab, path_options, shape_model, split_amp, synthetic_batch, train_steps
+from lit_llama_lab.tools.bench import model_vocab, path_options, shape_model, split_amp, synthetic_batch, train_steps
 
 SKIP = ("torch/utils/_contextlib", "torch/nn/modules/module.py", "torch/_dynamo/", "torch/_compile.py",
         "torch/_tensor.py", "torch/autograd/function.py", "torch/_ops.py", "torch/_library/", "torch/utils/_python",

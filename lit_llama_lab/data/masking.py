@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lit_llama_lab.models import end_of_turn_token
+from lit_llama_lab.model.tokens import end_of_turn_token
 
 IGNORE_INDEX = -100
 

@@ -1,15 +1,9 @@
-"""Padding-free packing: best-fit-decreasing bins, ``position_ids`` restarting per example, and a
-block-diagonal causal mask so no token attends across examples in the same bin.
+"""Padding-free packing into one neutral batch form: best-fit-decreasing bins, ``position_ids`` restarting per
+example and ``document_ids`` (each token's example within its row, -1 on padding).
 
-Restarting ``position_ids`` alone does not isolate packed examples under sdpa, eager or flex attention in
-transformers 5, so the mask is built here, in the form each attention implementation takes:
-
-* ``sdpa``: a boolean ``[batch, 1, width, width]`` tensor (True = may attend),
-* ``eager``: the same as an additive float tensor (0 / dtype min) in the model's compute dtype,
-* ``flex_attention``: a ``BlockMask`` built from per-token document ids (transformers passes a 4-D mask through).
-
-``varlen`` (and ``auto``, which is varlen on a GPU) trains without a mask, from ``document_ids``
-(:func:`lit_llama_lab.fast.varlen_keys`); its batches carry the sdpa mask for validation, which runs through sdpa.
+The data layer builds no attention mask: which form an attention kernel takes (a boolean or additive block mask, a
+flex ``BlockMask``, FlashAttention varlen's offsets) is decided and built from ``document_ids`` by
+:func:`lit_llama_lab.speed.attention.attention_inputs`, on the batch's device.
 """
 
 from __future__ import annotations
@@ -20,9 +14,6 @@ from collections.abc import Sequence
 import torch
 
 from lit_llama_lab.data.masking import IGNORE_INDEX
-
-ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "varlen", "eager", "flex_attention")
-BOOL_MASK_IMPLEMENTATIONS = ("auto", "sdpa", "varlen")  # the ones that take the boolean 4-D mask
 
 
 def pack_best_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -77,61 +68,24 @@ def document_ids(seq_lengths: Sequence[Sequence[int]], width: int) -> torch.Tens
     return ids
 
 
-def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean ``[batch, 1, width, width]`` mask from :func:`document_ids`: True where a query may attend a key.
-
-    Each example attends causally within itself only. Padding positions attend to themselves alone (a fully
-    masked row would give NaN in sdpa); their outputs carry no label.
-    """
-    width = doc_ids.shape[1]
-    causal = torch.ones(width, width, dtype=torch.bool, device=doc_ids.device).tril()
-    same = (doc_ids[:, :, None] == doc_ids[:, None, :]) & (doc_ids[:, :, None] >= 0)
-    eye = torch.eye(width, dtype=torch.bool, device=doc_ids.device)
-    return ((same & causal) | eye).unsqueeze(1)
+def count_documents(document_ids: torch.Tensor) -> int:
+    """Documents in a ``[rows, width]`` :func:`document_ids` tensor, over all rows (a host sync on a GPU tensor)."""
+    return int((document_ids.amax(dim=1) + 1).clamp(min=0).sum())
 
 
-def block_causal_mask(seq_lengths: Sequence[Sequence[int]], width: int) -> torch.Tensor:
-    """Boolean ``[batch, 1, width, width]`` mask for rows holding examples of the given lengths back to back
-    (see :func:`document_mask`)."""
-    return document_mask(document_ids(seq_lengths, width))
+def check_documents(document_ids: torch.Tensor, max_documents: int) -> None:
+    """Raise unless ``document_ids`` (on the CPU) holds at most ``max_documents`` documents in all: the bound
+    FlashAttention varlen's offsets are sized by (:func:`lit_llama_lab.speed.attention.varlen_keys`)."""
+    found = count_documents(document_ids)
+    if found > max_documents:
+        raise ValueError(f"The batch holds {found} documents, more than max_documents={max_documents}: varlen's "
+                         "offsets would merge documents. Pass the largest number of examples in a batch.")
 
 
-def flex_block_mask(doc_ids: torch.Tensor):
-    """A flex-attention ``BlockMask`` equal to :func:`document_mask`, built on ``doc_ids``' device."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    def mask_mod(b, h, q, kv):
-        return ((doc_ids[b, q] == doc_ids[b, kv]) & (q >= kv)) | (q == kv)
-
-    batch, width = doc_ids.shape
-    return create_block_mask(mask_mod, batch, None, width, width, device=doc_ids.device, _compile=False)
-
-
-def packed_attention_mask(doc_ids: torch.Tensor, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32):
-    """The block-diagonal causal mask in the form ``attn_implementation`` takes (see the module docstring).
-
-    ``dtype`` matters for eager only: the additive mask must be in the model's compute dtype. ``auto`` and
-    ``varlen`` get sdpa's boolean mask (their validation runs through sdpa).
-    """
-    if attn_implementation == "flex_attention":
-        return flex_block_mask(doc_ids)
-    mask = document_mask(doc_ids)
-    if attn_implementation == "eager":
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
-    if attn_implementation in BOOL_MASK_IMPLEMENTATIONS:
-        return mask
-    raise ValueError(f"Unknown attention implementation {attn_implementation!r}; use one of {ATTENTION_IMPLEMENTATIONS}.")
-
-
-def collate_packed(
-    bins: Sequence[Sequence[dict]], pad_id: int, attn_implementation: str = "sdpa", dtype: torch.dtype = torch.float32
-) -> dict:
-    """One row per bin: concatenated ``input_ids``/``labels``, restarting ``position_ids``, block-diagonal mask.
-
-    Also returns ``document_ids`` so the mask can be rebuilt on another device or dtype
-    (:func:`packed_attention_mask`), and, when the examples carry a ``distill`` flag (replay chats), a bool
-    ``distill_mask`` over the tokens of flagged examples.
-    """
+def collate_packed(bins: Sequence[Sequence[dict]], pad_id: int) -> dict:
+    """One row per bin: concatenated ``input_ids``/``labels``, restarting ``position_ids`` and ``document_ids``
+    (padding: ``pad_id``, label ``IGNORE_INDEX``, position 0, document -1), and, when the examples carry a
+    ``distill`` flag (replay chats), a bool ``distill_mask`` over the tokens of flagged examples."""
     lengths = [[len(ex["input_ids"]) for ex in b] for b in bins]
     width = max(sum(row) for row in lengths)
     input_ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
@@ -145,14 +99,8 @@ def collate_packed(
             labels[r, start:start + n] = torch.as_tensor(ex["labels"])
             position_ids[r, start:start + n] = torch.arange(n)
             start += n
-    doc_ids = document_ids(lengths, width)
-    batch = {
-        "input_ids": input_ids,
-        "labels": labels,
-        "position_ids": position_ids,
-        "attention_mask": packed_attention_mask(doc_ids, attn_implementation, dtype),
-        "document_ids": doc_ids,
-    }
+    batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+             "document_ids": document_ids(lengths, width)}
     return with_distill_mask(batch, [list(b) for b in bins])
 
 
@@ -174,33 +122,24 @@ def with_distill_mask(batch: dict, rows: Sequence[Sequence[dict]]) -> dict:
 def pad_packed_batch(batch: dict, multiple: int, pad_id: int) -> dict:
     """Widen a packed batch's rows (on any device) to the next multiple of ``multiple`` tokens.
 
-    Added positions are padding: ``pad_id``, label ``IGNORE_INDEX``, position 0, document id -1, and in a boolean
-    4-D mask they attend to themselves only, as :func:`document_mask` pads. The loss is unchanged; what changes is
-    that batches fall into a few shapes, which CUDA graphs need. Packed batches are those with a boolean 4-D mask,
-    or with ``document_ids`` and no mask at all (varlen's); others are returned as they are.
+    Added positions are padding: ``pad_id``, label ``IGNORE_INDEX``, position 0, document id -1, no distillation.
+    The loss is unchanged; what changes is that batches fall into a few shapes, which CUDA graphs need. Packed
+    batches are those with ``document_ids``; others are returned as they are, and so is a batch already of such a
+    width. An attention mask the batch held no longer fits and is left out: convert after padding
+    (:func:`lit_llama_lab.speed.attention.attention_inputs`).
     """
-    mask = batch.get("attention_mask")
-    bool_mask = isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.dtype == torch.bool
-    if not bool_mask and not (mask is None and "document_ids" in batch):
+    if "document_ids" not in batch:
         return batch
     width = batch["input_ids"].shape[1]
     extra = -width % multiple
     if extra == 0:
         return batch
     pad = torch.nn.functional.pad
-    out = dict(batch)
-    out["input_ids"] = pad(batch["input_ids"], (0, extra), value=pad_id)
-    out["labels"] = pad(batch["labels"], (0, extra), value=IGNORE_INDEX)
-    out["position_ids"] = pad(batch["position_ids"], (0, extra), value=0)
-    if bool_mask:
-        new_mask = pad(mask, (0, extra, 0, extra), value=False)
-        added = torch.arange(width, width + extra, device=mask.device)
-        new_mask[:, :, added, added] = True
-        out["attention_mask"] = new_mask
-    if "document_ids" in batch:
-        out["document_ids"] = pad(batch["document_ids"], (0, extra), value=-1)
-    if "distill_mask" in batch:
-        out["distill_mask"] = pad(batch["distill_mask"], (0, extra), value=False)
+    values = {"input_ids": pad_id, "labels": IGNORE_INDEX, "position_ids": 0, "document_ids": -1, "distill_mask": False}
+    out = {k: v for k, v in batch.items() if k != "attention_mask"}
+    for key, value in values.items():
+        if key in batch:
+            out[key] = pad(batch[key], (0, extra), value=value)
     return out
 
 

@@ -14,7 +14,9 @@ import hashlib
 import json
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -24,18 +26,39 @@ log = logging.getLogger(__name__)
 REPLAY_VERSION = "1"  # bump when the generation below changes, to invalidate cached answers
 
 
+@dataclass(frozen=True)
+class ReplayArgs:
+    """Replay of the starting model's own answers to general prompts, mixed into training so a task run keeps the
+    assistant.
+
+    Args:
+        ratio: share of the training examples that are replay chats, in [0, 1); 0 turns replay off.
+        prompts: a .jsonl file of ``{"prompt": ...}`` rows to draw from; default: the bundled pool of general prompts
+            (disjoint from the general evaluation suite).
+        max_new_tokens: answer budget; answers that do not end within it are not used.
+        model: the model that answers: linked to the model's ``init_adapter`` when one is set, else its base.
+        quantize: the answering model's 4-bit format, linked to the model's ``quantize``.
+    """
+
+    ratio: float = 0.0
+    prompts: str | None = None
+    max_new_tokens: int = 160
+    model: str | None = None
+    quantize: Literal["nf4", "fp4", "none"] = "nf4"
+
+
 def replay_count(task_rows: int, ratio: float) -> int:
     """How many replay chats make them ``ratio`` of the training examples next to ``task_rows`` task rows."""
     if not 0 <= ratio < 1:
         raise ValueError(f"replay_ratio must be in [0, 1) (the share of replay chats among training examples), "
-                         f"got {ratio}: e.g. --data.replay_ratio 0.15.")
+                         f"got {ratio}: e.g. --data.replay.ratio 0.15.")
     return round(task_rows * ratio / (1 - ratio))
 
 
 def replay_cache_file(model: str, quantize: str, dtype: torch.dtype, max_new_tokens: int) -> Path:
     """The cache file of one answering model and setting: answers differ with the weights, the 4-bit format and the
     compute dtype (bf16 on a GPU, fp32 on a CPU), so each gets its own file."""
-    from lit_llama_lab.models import cache_dir
+    from lit_llama_lab.model.source import cache_dir
 
     key = json.dumps([_model_identity(model), quantize, str(dtype), max_new_tokens, REPLAY_VERSION])
     return cache_dir() / "replay" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
@@ -64,17 +87,18 @@ def answer_prompts(model: str, prompts: list[str], quantize: str = "nf4", max_ne
     (:func:`replay_cache_file`); only prompts missing from the cache are generated, then the cache is rewritten
     atomically. Returns ``{prompt: {"prompt", "answer", "stopped"}}`` for every prompt."""
     from lit_llama_lab.generation import generate
-    from lit_llama_lab.models import load_for_inference, resolve_compute_dtype
+    from lit_llama_lab.model.load import load_for_inference
+    from lit_llama_lab.model.precision import dtype_name, resolve_compute_dtype
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = resolve_compute_dtype("auto") if device.type == "cuda" else torch.float32
+    dtype = resolve_compute_dtype("auto", device)
     file = replay_cache_file(model, quantize, dtype, max_new_tokens)
     cached = read_cache(file)
     missing = [p for p in dict.fromkeys(prompts) if p not in cached]
     if missing:
         log.info("Replay: %s answers %d general prompts once (cached in %s)", model, len(missing), file)
         loaded, tokenizer = load_for_inference(model, quantize=quantize,
-                                               compute_dtype=str(dtype).removeprefix("torch."), device=device)
+                                               compute_dtype=dtype_name(dtype), device=device)
         order = sorted(missing, key=len)  # similar lengths together: less left padding per batch
         size = batch_size or (256 if device.type == "cuda" else 16)
         outputs = generate(loaded, tokenizer, [[{"role": "user", "content": p}] for p in order],

@@ -1,0 +1,191 @@
+"""One decision of every ``auto``: the settings (:mod:`lit_llama_lab.train.args`) and where the run trains
+(:class:`Target`) go in, a frozen :class:`Plan` comes out. Nothing downstream decides again: the setup
+(:mod:`lit_llama_lab.train.build`), the step (:mod:`lit_llama_lab.train.step`), validation and the bench read the
+plan. It is logged once at fit start, to the console and to the loggers' hyperparameters (``plan``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import torch
+
+from lit_llama_lab.model.precision import dtype_name, resolve_compute_dtype, resolve_quant_storage
+from lit_llama_lab.speed.attention import loading_attention, varlen_unsupported
+from lit_llama_lab.train.args import PrecisionArgs, SpeedArgs
+
+log = logging.getLogger(__name__)
+COMPILE_MIN_HIDDEN = 1024  # compile auto: models at least this wide (Llama-3.2-1B and up)
+DEQUANTIZED_MAX_BYTES = 2**30  # dequantize_once auto: when the 16-bit copy of the 4-bit weights fits in this
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a run trains and the facts of its model the plan depends on, known before any weight loads.
+
+    Args:
+        device: the device the model trains on.
+        world_size: processes training together.
+        fsdp: sharded by :class:`lit_llama_lab.model.fsdp.QLoRAFSDPStrategy`.
+        hidden_size: the model's hidden size.
+        four_bit_params: weights its 4-bit layers hold (0 when it is not quantized).
+    """
+
+    device: torch.device
+    world_size: int = 1
+    fsdp: bool = False
+    hidden_size: int = 0
+    four_bit_params: int = 0
+
+
+def target_for(name_or_path: str, quantize: str, device: str | torch.device | None = None, world_size: int = 1,
+               fsdp: bool = False) -> Target:
+    """The :class:`Target` of base model ``name_or_path`` (its config read, no weights loaded) on ``device``
+    (default: a GPU when there is one)."""
+    from lit_llama_lab.model.load import model_config
+    from lit_llama_lab.speed.dequantize import four_bit_params
+
+    config = model_config(name_or_path)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return Target(device, world_size, fsdp, config.hidden_size, 0 if quantize == "none" else four_bit_params(config))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run does, every ``auto`` decided (:func:`resolve`); ``reasons`` says why for each ``auto``.
+
+    ``autocast`` is always ``none``: training runs no autocast (bf16 matmuls come from the bf16 weights, fp32
+    activations and TF32 from :class:`~lit_llama_lab.train.args.PrecisionArgs`).
+    """
+
+    device: str
+    compute_dtype: torch.dtype
+    quant_storage: torch.dtype
+    fp32_activations: bool
+    tf32: bool
+    attention: str
+    compile: bool
+    dequantize_once: bool
+    cuda_graphs: bool
+    graph_pad_multiple: int
+    gradient_checkpointing: bool
+    liger: bool = False
+    fsdp: bool = False
+    autocast: str = "none"
+    reasons: tuple[str, ...] = ()
+
+    @property
+    def eval_attention(self) -> str:
+        """The attention validation and test batches are converted for: varlen's model validates through sdpa."""
+        return "sdpa" if self.attention == "varlen" else self.attention
+
+    @property
+    def load_attention(self) -> str:
+        """The ``attn_implementation`` the base is loaded with (:func:`lit_llama_lab.speed.attention.use_attention`
+        switches it to varlen after)."""
+        return loading_attention(self.attention)
+
+    def as_dict(self) -> dict:
+        """The plan as plain JSON values (dtypes by name), for logs and bench results."""
+        values = asdict(self)
+        values.update(compute_dtype=dtype_name(self.compute_dtype), quant_storage=dtype_name(self.quant_storage),
+                      reasons=list(self.reasons))
+        return values
+
+    def summary(self) -> str:
+        """One line: what the step runs."""
+        parts = [f"{dtype_name(self.compute_dtype)} compute", f"autocast {self.autocast}",
+                 "fp32 activations" if self.fp32_activations else "activations in the compute dtype",
+                 "TF32" if self.tf32 else "no TF32", f"{self.attention} attention",
+                 "compiled layers" if self.compile else "eager layers",
+                 "dequantized once" if self.dequantize_once else "dequantized at every use",
+                 f"CUDA graphs (rows padded to {self.graph_pad_multiple})" if self.cuda_graphs else "no CUDA graphs",
+                 "checkpointing" if self.gradient_checkpointing else "no checkpointing"]
+        return ", ".join(parts + ["Liger"] * self.liger + ["FSDP"] * self.fsdp)
+
+
+def _switch(name: str, setting, fsdp: bool, fsdp_reason: str) -> bool | None:
+    """A ``true | false | auto`` setting: its bool, or None for ``auto``; bad values and ``true`` under FSDP
+    (for ``fsdp_reason``) are refused."""
+    if setting not in (True, False, "auto"):
+        raise ValueError(f"{name}={setting!r}: use true, false or auto.")
+    if setting is True and fsdp:
+        raise ValueError(f"{name}=true is not supported under FSDP ({fsdp_reason}); use --model.speed.{name} false.")
+    return None if setting == "auto" else setting
+
+
+def resolve_attention(setting: str, target: Target, compute: torch.dtype, reasons: list[str]) -> str:
+    """``auto`` and ``varlen``: varlen where FlashAttention can run, else sdpa (``auto``) or an error (``varlen``)."""
+    if setting not in ("auto", "varlen"):
+        return setting
+    reason = varlen_unsupported(target.device, compute)
+    if reason is None:
+        return "varlen"
+    if setting == "varlen":
+        raise ValueError(f"attention=varlen cannot run here: {reason}. Use --model.speed.attention auto or sdpa.")
+    reasons.append(f"attention sdpa with the packed-batch mask: FlashAttention varlen is off ({reason})")
+    return "sdpa"
+
+
+def resolve_compile(setting, target: Target, reasons: list[str]) -> bool:
+    """``auto``: on for one CUDA process training a model at least :data:`COMPILE_MIN_HIDDEN` wide."""
+    forced = _switch("compile", setting, target.fsdp, "compiled layers inside FSDP units")
+    if forced is not None:
+        return forced
+    on = target.device.type == "cuda" and target.world_size == 1 and target.hidden_size >= COMPILE_MIN_HIDDEN
+    reasons.append(f"compile {'on' if on else 'off'}: {target.device.type}, {target.world_size} process(es), "
+                   f"hidden size {target.hidden_size} (on from {COMPILE_MIN_HIDDEN} on one GPU)")
+    return on
+
+
+def resolve_dequantize_once(setting, target: Target, compute: torch.dtype, reasons: list[str]) -> bool:
+    """``auto``: on for CUDA without FSDP when the 4-bit weights' copy in ``compute`` fits
+    :data:`DEQUANTIZED_MAX_BYTES`."""
+    forced = _switch("dequantize_once", setting, target.fsdp, "each rank would hold every full weight")
+    if forced is not None:
+        return forced
+    size = target.four_bit_params * compute.itemsize
+    on = target.device.type == "cuda" and not target.fsdp and 0 < size <= DEQUANTIZED_MAX_BYTES
+    reasons.append(f"dequantize_once {'on' if on else 'off'}: {target.device.type}, a {size / 2**30:.2f} GiB copy "
+                   f"(on up to {DEQUANTIZED_MAX_BYTES / 2**30:.0f} GiB on a GPU, without FSDP)")
+    return on
+
+
+def resolve_cuda_graphs(speed: SpeedArgs, lora_dropout: float, target: Target, reasons: list[str]) -> bool:
+    """CUDA graphs run on one CUDA process only (captured collectives are not supported here), and not with
+    gradient checkpointing plus LoRA dropout (checkpointing saves the RNG state to replay dropout, which a capture
+    cannot do)."""
+    if not speed.cuda_graphs:
+        return False
+    if target.device.type != "cuda" or target.world_size > 1:
+        return False
+    if speed.gradient_checkpointing and lora_dropout > 0:
+        log.warning("cuda_graphs is off: gradient checkpointing with LoRA dropout > 0 cannot be captured.")
+        reasons.append("cuda_graphs off: gradient checkpointing with LoRA dropout > 0 cannot be captured")
+        return False
+    return True
+
+
+def resolve(precision: PrecisionArgs, speed: SpeedArgs, lora_dropout: float, target: Target) -> Plan:
+    """Decide every ``auto`` of ``precision`` and ``speed`` for ``target``, once; refuse what cannot run there,
+    naming the setting to change."""
+    reasons: list[str] = []
+    compute = resolve_compute_dtype(precision.compute_dtype, target.device)
+    on_cuda = target.device.type == "cuda"
+    return Plan(
+        device=str(target.device),
+        compute_dtype=compute,
+        quant_storage=resolve_quant_storage(precision.quant_storage, compute, sharded=target.fsdp),
+        fp32_activations=precision.fp32_activations and compute != torch.float32,
+        tf32=precision.tf32 and on_cuda,
+        attention=resolve_attention(speed.attention, target, compute, reasons),
+        compile=resolve_compile(speed.compile, target, reasons),
+        dequantize_once=resolve_dequantize_once(speed.dequantize_once, target, compute, reasons),
+        cuda_graphs=resolve_cuda_graphs(speed, lora_dropout, target, reasons),
+        graph_pad_multiple=speed.graph_pad_multiple,
+        gradient_checkpointing=speed.gradient_checkpointing,
+        liger=speed.liger,
+        fsdp=target.fsdp,
+        reasons=tuple(reasons),
+    )

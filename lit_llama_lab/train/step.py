@@ -1,0 +1,55 @@
+"""The loss of one training batch, as training computes it: the one step Lightning training and the bench run."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from lit_llama_lab.data.packing import pad_packed_batch
+from lit_llama_lab.speed.attention import attention_inputs
+from lit_llama_lab.speed.distill import distilled_label_loss
+from lit_llama_lab.speed.graphs import GraphedLoss
+from lit_llama_lab.speed.loss import fast_label_loss, label_loss
+from lit_llama_lab.train.plan import Plan
+
+
+class TrainStep:
+    """``step(batch) -> loss``: mean next-token cross-entropy over the labelled tokens of a neutral batch (plus
+    ``distill_weight`` × KL to the frozen base on replay tokens when the batch has a ``distill_mask``).
+
+    With the plan's CUDA graphs the batch's rows are padded to a multiple of ``graph_pad_multiple`` tokens, the loss
+    has fixed shapes (:func:`lit_llama_lab.speed.loss.fast_label_loss`) and its forward and backward replay from
+    a graph per batch shape (:class:`lit_llama_lab.speed.graphs.GraphedLoss`). Otherwise logits are computed at
+    labelled positions only (:func:`lit_llama_lab.speed.loss.label_loss`). Both compute the same loss. The batch gets
+    the plan's attention inputs (:func:`lit_llama_lab.speed.attention.attention_inputs`); a packed batch without the
+    data module's ``max_documents`` bound trains a varlen plan through the sdpa mask (the varlen function's
+    fallback), as validation does.
+    """
+
+    def __init__(self, model, plan: Plan, pad_id: int, distill_weight: float = 0.0) -> None:
+        self.model, self.plan, self.pad_id, self.distill_weight = model, plan, pad_id, distill_weight
+        self.graphed: GraphedLoss | None = None
+
+    def inputs(self, batch: dict) -> dict:
+        """``batch`` with the attention inputs the plan's training attention takes."""
+        attention = self.plan.attention
+        if attention == "varlen" and "max_documents" not in batch:
+            attention = self.plan.eval_attention
+        return attention_inputs(batch, attention, self.plan.compute_dtype)
+
+    def __call__(self, batch: dict) -> torch.Tensor:
+        distill = self.distill_weight > 0 and "distill_mask" in batch
+        loss_fn = partial(distilled_label_loss, weight=self.distill_weight) if distill else fast_label_loss
+        if self.plan.cuda_graphs:
+            if self.graphed is None:
+                self.graphed = GraphedLoss(self.model, loss_fn)
+            return self.graphed(self.inputs(pad_packed_batch(batch, self.plan.graph_pad_multiple, self.pad_id)))
+        inputs = self.inputs(batch)
+        return loss_fn(self.model, inputs) if distill else label_loss(self.model, inputs)[0]
+
+    def evaluate(self, batch: dict) -> torch.Tensor:
+        """The loss as validation computes it (no graphs, the plan's validation attention; the caller sets eval mode
+        and ``no_grad``)."""
+        inputs = attention_inputs(batch, self.plan.eval_attention, self.plan.compute_dtype)
+        return label_loss(self.model, inputs)[0]

@@ -1,0 +1,78 @@
+"""KL to the frozen base on replay tokens: the fused chunked KL equals plain autograd, and on the tiny Llama the
+distilled loss is the cross-entropy plus the weighted KL, zero where the model is the base."""
+
+import pytest
+import torch
+
+from lit_llama_lab.data.packing import collate_packed, collate_padded, pad_packed_batch
+from lit_llama_lab.speed.attention import attention_inputs
+from lit_llama_lab.speed.distill import distilled_label_loss, linear_kl
+from lit_llama_lab.speed.loss import fast_label_loss
+from lit_llama_lab.train.args import LoraArgs
+from lit_llama_lab.train.module import QLoRAModule
+
+
+def reference_kl(hidden, base, weight, mask):
+    logq = torch.log_softmax(hidden @ weight.T, -1)
+    logp = torch.log_softmax(base @ weight.T, -1)
+    per_row = (logp.exp() * (logp - logq)).sum(-1)
+    return (per_row * mask).sum() / mask.sum().clamp(min=1)
+
+
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_linear_kl_matches_autograd_in_value_and_gradient(chunk):
+    torch.manual_seed(0)
+    hidden = torch.randn(10, 16, dtype=torch.float32, requires_grad=True)
+    base, weight = torch.randn(10, 16, dtype=torch.float32), torch.randn(50, 16, dtype=torch.float32)
+    mask = torch.tensor([1, 0, 1, 1, 0, 0, 1, 1, 1, 0], dtype=torch.bool)
+    ours = linear_kl(hidden, base, weight, mask, chunk)
+    (grad,) = torch.autograd.grad(ours, hidden)
+    ref_hidden = hidden.detach().clone().requires_grad_()
+    ref = reference_kl(ref_hidden, base, weight, mask)
+    ref.backward()
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(grad, ref_hidden.grad)
+    assert grad[~mask].abs().max() == 0  # unmasked rows get no gradient
+    assert linear_kl(base.clone(), base, weight, mask).abs() < 1e-6  # the model equal to the base: no KL
+
+
+def tiny_batch(tokenizer, distill):
+    examples = [{"input_ids": tokenizer(t)["input_ids"], "labels": tokenizer(t)["input_ids"], "distill": d}
+                for t, d in [("a red apple", 0), ("the sea is blue today", 1), ("one two", 1)]]
+    packed = attention_inputs(collate_packed([examples[:2], examples[2:]], tokenizer.pad_token_id), "sdpa")
+    return packed if distill else collate_padded(
+        [{k: v for k, v in e.items() if k != "distill"} for e in examples], tokenizer.pad_token_id)
+
+
+def test_distilled_loss_is_cross_entropy_plus_weighted_kl_to_the_base():
+    module = QLoRAModule(name_or_path="tiny-random", quantize="none", lora=LoraArgs(r=4, alpha=8))
+    module.configure_model()
+    batch = tiny_batch(module.tokenizer, distill=True)
+    assert batch["distill_mask"].tolist()[1][:2] == [True, True] and not batch["distill_mask"][0, 0]
+    plain = fast_label_loss(module.model, batch)
+    # fresh adapters (B = 0) compute the base: the KL term is zero
+    torch.testing.assert_close(distilled_label_loss(module.model, batch, weight=5.0), plain)
+    with torch.no_grad():
+        for name, p in module.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    plain = fast_label_loss(module.model, batch)
+    distilled = distilled_label_loss(module.model, batch, weight=2.0)
+    kl = (distilled - plain) / 2
+    assert kl > 1e-4
+    none = {**batch, "distill_mask": torch.zeros_like(batch["distill_mask"])}
+    torch.testing.assert_close(distilled_label_loss(module.model, none, weight=2.0), plain)
+    distilled.backward()
+    grads = [p.grad for n, p in module.model.named_parameters() if "lora_" in n]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert all(p.requires_grad for n, p in module.model.named_parameters() if "lora_" in n)  # re-enabled after the base
+
+
+def test_distill_mask_survives_padding_and_plain_batches_have_none():
+    from lit_llama_lab.model.load import load_tokenizer
+
+    tok = load_tokenizer("tiny-random")
+    batch = tiny_batch(tok, distill=True)
+    wide = pad_packed_batch(batch, 64, tok.pad_token_id)
+    assert wide["distill_mask"].shape == wide["input_ids"].shape and wide["distill_mask"].sum() == batch["distill_mask"].sum()
+    assert "distill_mask" not in tiny_batch(tok, distill=False)

@@ -1,0 +1,94 @@
+"""The benchmark's CPU mode: training's step (``ours``) and the plain transformers+peft+bitsandbytes stack give the
+same loss on the tiny 4-bit model, and each ``ours`` path is training's plan, setup and step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lit_llama_lab.tools.bench import bench, path_options, step_flops
+
+
+def test_path_modifiers_and_clear_errors():
+    builder, options = path_options("ours+flex+compile", {"attention": "sdpa", "compile": False})
+    # ours runs training's step: no autocast (it was bf16 autocast before the bench shared training's builder)
+    assert builder.__name__ == "build_ours" and options == {"amp": False, "attention": "flex_attention", "compile": True}
+    assert path_options("baseline", {}) == (path_options("baseline+amp", {})[0], {"amp": False})
+    assert path_options("baseline+amp", {})[1] == {"amp": True}
+    assert path_options("ours+graphs", {"cuda_graphs": False})[1]["cuda_graphs"] is True
+    assert path_options("ours+bf16act", {"fp32_activations": True})[1]["fp32_activations"] is False
+    with pytest.raises(ValueError, match="Unknown modifier 'fast'"):
+        path_options("ours+fast", {})
+    with pytest.raises(ValueError, match=r"use baseline, baseline\+amp, ours"):
+        path_options("unsloth", {})
+    with pytest.raises(ValueError, match="Unknown shape"):
+        bench(shape="llama-70b", device="cpu")
+
+
+def test_flops_formula_counts_frozen_linears_twice_in_backward():
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                         intermediate_size=16, vocab_size=10)
+    linear = 2 * 8 * 8 + 2 * 8 * 4 + 3 * 8 * 16 + 10 * 8  # q,o + k,v + mlp + lm_head
+    attention = 4 * 8 * 6 * (3 + 1) / 2  # 6 tokens in documents of 3
+    assert step_flops(config, tokens=6, doc_len=3, lora_params=5) == 4 * linear * 6 + 3 * attention + 6 * 5 * 6
+
+
+def test_bench_cpu_ours_and_baseline_give_the_same_loss(tmp_path, capsys):
+    output = tmp_path / "bench.json"
+    results = bench(seq_len=64, micro_batch=1, steps=1, warmup=1, doc_len=32, loss_steps=2,
+                    loss_batch=8, device="cpu", output=str(output))
+    assert results["settings"]["shape"] == "tiny"  # shape=auto on a CPU; paths=auto: baseline and ours
+    base, ours = results["paths"]["baseline"], results["paths"]["ours"]
+    assert "error" not in base and "error" not in ours, (base, ours)
+    # the same 4-bit model, data and adapter init: the plain HF loss and ours agree after the same AdamW steps
+    assert ours["held_out_loss"] == pytest.approx(base["held_out_loss"], rel=1e-4)
+    assert ours["train_loss_last"] == pytest.approx(base["train_loss_last"], rel=1e-4)
+    assert ours["train_loss_last"] != pytest.approx(ours["train_loss_first"], rel=1e-6)  # the adapters did train
+    assert ours["tokens_per_s"] > 0 and ours["trainable_params"] == base["trainable_params"]
+    assert json.loads(output.read_text())["paths"]["ours"]["held_out_loss"] == ours["held_out_loss"]
+    assert "| ours |" in capsys.readouterr().out
+    # each row says what it ran: ours is training's plan (no autocast), baseline the plain stack
+    assert ours["plan"]["autocast"] == "none" and ours["runs"].startswith("float32 compute, autocast none")
+    assert "prepare_model_for_kbit_training" in base["runs"] and "plan" not in base
+
+
+def test_ours_is_trainings_plan_setup_and_step():
+    """The bench's ``ours`` builds with training's builder and steps with training's step, under the plan training
+    resolves for the same settings (here: checkpointing on, as the bench gives it, and dequantize_once auto)."""
+    import torch
+
+    from lit_llama_lab.tools.bench_paths import build_ours
+    from lit_llama_lab.train.args import LoraArgs, SpeedArgs
+    from lit_llama_lab.train.module import QLoRAModule
+    from lit_llama_lab.train.step import TrainStep
+
+    _, step, prepare = build_ours("tiny-random", 8, True, torch.device("cpu"), 0, attention="sdpa")
+    speed = SpeedArgs(attention="sdpa", compile=False, cuda_graphs=False, gradient_checkpointing=True)
+    module = QLoRAModule(name_or_path="tiny-random", lora=LoraArgs(r=8, alpha=8), speed=speed)
+    module.configure_model()
+    assert isinstance(step, TrainStep) and step.plan == module.plan
+    assert step.plan.gradient_checkpointing and step.plan.autocast == "none"
+    assert prepare({"x": 1}) == {"x": 1}  # the step converts each batch itself, as training does
+
+
+def test_isolated_bench_runs_each_path_in_its_own_process_with_the_same_results(tmp_path):
+    kwargs = dict(shape="tiny", seq_len=64, micro_batch=1, steps=1, warmup=1, doc_len=32, loss_steps=2, loss_batch=8,
+                  device="cpu", paths="baseline,ours,ours+nosuch")
+    with pytest.raises(ValueError, match="Unknown modifier 'nosuch'"):  # bad paths fail before any child starts
+        bench(**kwargs, isolate=True)
+    kwargs["paths"] = "baseline,ours"
+    isolated = bench(**kwargs, isolate=True, output=str(tmp_path / "isolated.json"))
+    together = bench(**kwargs)
+    assert isolated["settings"]["isolated"] == "True" and list(isolated["paths"]) == ["baseline", "ours"]
+    for path in ("baseline", "ours"):  # deterministic on CPU: a child process gives the in-process figures
+        assert isolated["paths"][path]["held_out_loss"] == pytest.approx(together["paths"][path]["held_out_loss"],
+                                                                          rel=1e-6)
+    assert json.loads((tmp_path / "isolated.json").read_text())["paths"]["ours"]["held_out_loss"] == \
+        isolated["paths"]["ours"]["held_out_loss"]
+    # a child that dies becomes its path's error entry, with the child's last line
+    failed = bench(**{**kwargs, "paths": "ours"}, isolate=True, loss_model="no-such-model")
+    assert failed["paths"]["ours"]["error"].startswith("process exited 1:"), failed
+    assert "no-such-model" in failed["paths"]["ours"]["error"]

@@ -1,0 +1,86 @@
+"""One decision of every ``auto`` (``train/plan.py``): what resolve() decides for a target, what it refuses, and that
+the plan is logged once at fit start and never written back into the settings."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from lit_llama_lab.train.args import PrecisionArgs, SpeedArgs
+from lit_llama_lab.train.plan import DEQUANTIZED_MAX_BYTES, Plan, Target, resolve
+
+CPU = Target(torch.device("cpu"), hidden_size=64, four_bit_params=1000)
+GPU = Target(torch.device("cuda"), hidden_size=2048, four_bit_params=10**9)
+
+
+def test_cpu_defaults_are_fp32_sdpa_eager_without_graphs_and_say_why():
+    plan = resolve(PrecisionArgs(), SpeedArgs(), 0.0, CPU)
+    assert plan.compute_dtype == torch.float32 and plan.quant_storage == torch.uint8
+    assert (plan.attention, plan.compile, plan.dequantize_once, plan.cuda_graphs, plan.tf32) == ("sdpa", False, False,
+                                                                                                  False, False)
+    assert not plan.fp32_activations  # nothing to keep in fp32 when everything is fp32
+    assert plan.autocast == "none" and plan.eval_attention == plan.load_attention == "sdpa"
+    assert any("varlen is off (the model is not on a CUDA GPU)" in r for r in plan.reasons)
+    assert any(r.startswith("compile off") for r in plan.reasons)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.cuda_graphs = True  # nothing downstream re-decides
+
+
+def test_a_varlen_plan_loads_with_sdpa_and_validates_through_sdpa():
+    plan = dataclasses.replace(resolve(PrecisionArgs(), SpeedArgs(), 0.0, CPU), attention="varlen")
+    assert plan.load_attention == "sdpa" and plan.eval_attention == "sdpa"
+    assert dataclasses.replace(plan, attention="eager").eval_attention == "eager"
+
+
+def test_forced_settings_and_refusals_name_the_fix():
+    assert resolve(PrecisionArgs(), SpeedArgs(compile=True, dequantize_once=True), 0.0, CPU).compile
+    with pytest.raises(ValueError, match="use true, false or auto"):
+        resolve(PrecisionArgs(), SpeedArgs(compile="yes"), 0.0, CPU)
+    with pytest.raises(ValueError, match="varlen cannot run here: the model is not on a CUDA GPU"):
+        resolve(PrecisionArgs(), SpeedArgs(attention="varlen"), 0.0, CPU)
+    fsdp = dataclasses.replace(CPU, world_size=2, fsdp=True)
+    with pytest.raises(ValueError, match="--model.precision.quant_storage float32"):
+        resolve(PrecisionArgs(quant_storage="uint8"), SpeedArgs(), 0.0, fsdp)
+    assert resolve(PrecisionArgs(), SpeedArgs(), 0.0, fsdp).quant_storage == torch.float32
+
+
+def test_gpu_auto_decisions_follow_the_model(monkeypatch):
+    """On a target GPU (decided without one: varlen's check is stubbed): compile for wide models on one process,
+    dequantize once when the copy fits 1 GiB, graphs unless checkpointing meets dropout."""
+    import lit_llama_lab.train.plan as plan_module
+
+    monkeypatch.setattr(plan_module, "varlen_unsupported", lambda device, dtype: None)
+    monkeypatch.setattr(plan_module, "resolve_compute_dtype", lambda name, device: torch.bfloat16)
+    big = resolve(PrecisionArgs(), SpeedArgs(), 0.0, GPU)
+    assert (big.attention, big.compile, big.dequantize_once, big.cuda_graphs, big.tf32) == ("varlen", True, False,
+                                                                                             True, True)
+    small = resolve(PrecisionArgs(), SpeedArgs(), 0.0, Target(torch.device("cuda"), 1, False, 576,
+                                                               DEQUANTIZED_MAX_BYTES // 2))
+    assert (small.compile, small.dequantize_once) == (False, True)
+    ddp = resolve(PrecisionArgs(), SpeedArgs(), 0.0, dataclasses.replace(GPU, world_size=2))
+    assert not ddp.compile and not ddp.cuda_graphs
+    dropout = resolve(PrecisionArgs(), SpeedArgs(gradient_checkpointing=True), 0.1, GPU)
+    assert not dropout.cuda_graphs and any("LoRA dropout" in r for r in dropout.reasons)
+
+
+def test_the_plan_is_logged_at_fit_start_and_the_settings_stay_as_given(tmp_path):
+    import json
+
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from tests.train.test_callbacks import make_data, make_model
+
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"Name animal {i}."},
+                                                        {"role": "assistant", "content": "It is the panda."}]})
+                               for i in range(16)))
+    model = make_model(speed=SpeedArgs(gradient_checkpointing=True, cuda_graphs=True))
+    logger = TensorBoardLogger(tmp_path, name="run")
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=logger, limit_val_batches=0, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(model, make_data(chats))
+    assert isinstance(model.plan, Plan) and logger.hparams["plan"] == model.plan.as_dict()
+    assert model.hparams["speed"]["cuda_graphs"] is True  # the setting, not the plan's decision (False on a CPU)
