@@ -37,6 +37,8 @@ class Task:
         table: ``(results) -> Markdown`` for the results ``evaluate`` returned.
         verify: ``(model, tokenizer, limit, seed) -> {"scores": {name: fraction}, "answers": [...]}``: the task as an
             export verification suite (:mod:`lit_llama_lab.tools.export_verify`).
+        exact_answers: the verification also requires answers word for word the adapter's (short answers; long ones
+            reword under any rounding).
     """
 
     name: str
@@ -50,3 +52,4 @@ class Task:
     evaluate: Callable[..., list[dict]] | None = None
     table: Callable[[Sequence[dict]], str] | None = None
     verify: Callable[..., dict] | None = None
+    exact_answers: bool = False

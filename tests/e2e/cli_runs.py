@@ -32,7 +32,7 @@ trainer:
 model:
   name_or_path: tiny-random
   quantize: nf4
-  compute_dtype: float32
+  precision: {{compute_dtype: float32}}
   lora: {{r: 8, alpha: 16}}
   learning_rate: 1.0e-3
 data:

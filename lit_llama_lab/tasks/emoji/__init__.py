@@ -74,4 +74,5 @@ TASK = Task(
     evaluate=evaluate,
     table=table,
     verify=verify,
+    exact_answers=True,
 )
