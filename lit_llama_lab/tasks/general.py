@@ -15,8 +15,9 @@ of conditions that must all hold for an answer to count as correct (:func:`check
 
 Phrases match case-insensitively on whole words (a phrase's words may be split by spaces or hyphens), with
 accents removed and typographic quotes made plain on both sides. ``data/replay_prompts.jsonl`` holds general
-prompts (``{"prompt"}``) for the frozen base model to answer once, as replay during fine-tuning; they share no
-prompt and no asked fact with the suite (``tests/test_general.py`` checks that).
+prompts (``{"prompt"}``) for the frozen base model to answer once, as replay during fine-tuning. They were written
+to ask nothing the suite asks, and no replay prompt repeats a suite prompt, nears its wording or holds its content
+words (:mod:`lit_llama_lab.tasks.overlap`; ``tests/test_general.py`` checks the bundled files).
 """
 
 from __future__ import annotations
