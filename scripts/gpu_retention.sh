@@ -3,7 +3,7 @@
 # general suite, then the emoji config trained with each VARIANTS entry ("name|overrides") and evaluated on the
 # emoji splits (strict scoring) and the general suite. The adapter of KEEP comes back in 15 MB parts under $OUT.
 set -u
-OUT=${OUT:?set OUT}; PY=python3; W=/tmp/retention; mkdir -p "$OUT" $W; START=$(date +%s)
+OUT=${OUT:?set OUT}; PY=python3; W=${W:-/tmp/retention}; mkdir -p "$OUT" $W; START=$(date +%s)
 log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.log"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/summary.log" 2>&1
 "$PY" -c "import torch, transformers, peft, bitsandbytes, lightning; print(torch.__version__, transformers.__version__, peft.__version__, bitsandbytes.__version__, lightning.__version__)" >> "$OUT/summary.log" 2>&1
