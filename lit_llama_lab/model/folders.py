@@ -87,6 +87,7 @@ def make_tiny_llama(target: Path, seed: int = 0) -> Path:
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    with torch.random.fork_rng(devices=[]):  # a cold cache must not shift the caller's RNG (LoRA init follows)
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
     return write_once(target, lambda folder: (model.save_pretrained(folder), tokenizer.save_pretrained(folder)))

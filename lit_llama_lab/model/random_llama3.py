@@ -59,10 +59,10 @@ def random_llama3(shape: str = "tiny", seed: int = 0, dtype: torch.dtype = torch
     config = LlamaConfig(vocab_size=VOCAB_SIZE, rms_norm_eps=1e-5, tie_word_embeddings=True, head_dim=64,
                          rope_parameters=dict(LLAMA32_ROPE), bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **SHAPES[shape])
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).to(dtype)
-    with torch.no_grad():  # a larger init than HF's 0.02 so that logits differ visibly between tokens
-        for param in model.parameters():
+    with torch.random.fork_rng(devices=[]), torch.no_grad():  # the caller's RNG stream is left where it was
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config).to(dtype)
+        for param in model.parameters():  # a larger init than HF's 0.02 so that logits differ visibly between tokens
             if param.ndim == 2:
                 param.normal_(0.0, 0.05)
     return model.eval(), tokenizer

@@ -159,3 +159,20 @@ def test_a_truncated_or_missing_adapter_file_is_named_with_the_fix(tmp_path):
     weights.unlink()
     with pytest.raises(ValueError, match=f"{folder} has no adapter_model.safetensors"):
         evaluate(model=str(folder), split="test", limit=2, output_dir=str(tmp_path / "eval"))
+
+
+def test_writing_a_random_model_leaves_the_callers_rng_where_it_was(tmp_path):
+    """A cold cache writes the random models; that must not shift the RNG stream the LoRA init then draws from
+    (on a fresh machine the first run would start from other adapters than the second: found on the GPU host)."""
+    from lit_llama_lab.model.folders import make_tiny_llama
+    from lit_llama_lab.model.random_llama3 import make_random_llama3
+
+    def draw_after(write) -> torch.Tensor:
+        torch.manual_seed(0)
+        write()
+        return torch.rand(4)
+
+    untouched = draw_after(lambda: None)
+    assert torch.equal(draw_after(lambda: make_tiny_llama(tmp_path / "tiny")), untouched)
+    assert torch.equal(draw_after(lambda: make_random_llama3(tmp_path / "llama3")), untouched)
+    assert (tmp_path / "tiny" / "config.json").is_file() and (tmp_path / "llama3" / "config.json").is_file()
