@@ -298,7 +298,7 @@ def test_the_cli_serves_on_localhost(tmp_path):
 
 
 def test_build_app_wires_a_queued_blocks(chat_app):
-    demo = __import__("lit_llama_lab.ui.app", fromlist=["build_app"]).build_app(chat_app, concurrency=1)
+    demo = __import__("lit_llama_lab.tools.ui.app", fromlist=["build_app"]).build_app(chat_app, concurrency=1)
     assert demo._queue.default_concurrency_limit == 1
     assert {"model", "chat", "message", "audio", "send", "clear", "refresh"} <= {
         block.elem_id for block in demo.blocks.values()
