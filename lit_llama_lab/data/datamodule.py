@@ -26,7 +26,7 @@ from lit_llama_lab.data.replay import (
     replay_chats,
     replay_count,
 )
-from lit_llama_lab.data.sampler import ResumableDataLoader
+from lit_llama_lab.data.sampler import ResumableDataLoader, rank_and_world_size
 from lit_llama_lab.data.splits import check_fractions, split_indices
 from lit_llama_lab.data.tokenize import (  # noqa: F401  (NoTrainableTokensError re-exported)
     TOKENIZE_VERSION,
@@ -73,7 +73,11 @@ class ChatDataModule(L.LightningDataModule):
         max_seq_length: longest example in tokens, and the row length packed batches fill; longer examples are
             truncated or dropped (``overlong``).
         batch_size: examples per micro-batch, packed or not; with ``packing`` they are packed best-fit into rows of
-            at most ``max_seq_length`` tokens, so packing never changes the number of optimizer steps.
+            at most ``max_seq_length`` tokens, so packing never changes the number of optimizer steps. Per device,
+            as Lightning users expect: 2 devices take twice the examples per step (see ``global_batch_size``).
+        global_batch_size: examples per step over all devices together; each device takes its share
+            (``global_batch_size / devices``, which must divide), so 1 and 2 GPUs take the same steps on the same
+            examples. Replaces ``batch_size`` when set.
         packing: padding-free rows with restarting ``position_ids`` (each example attends only to itself);
             otherwise right-padded rows.
         test_fraction: share of rows held out for testing, never trained on.
@@ -99,6 +103,7 @@ class ChatDataModule(L.LightningDataModule):
         tokenizer: str = "smollm2-135m",
         max_seq_length: int = 512,
         batch_size: int = 32,
+        global_batch_size: int | None = None,
         packing: bool = True,
         test_fraction: float = 0.2,
         val_fraction: float = 0.02,
@@ -118,6 +123,8 @@ class ChatDataModule(L.LightningDataModule):
         check_fractions(test_fraction, val_fraction)
         if max_seq_length < 2:
             raise ValueError(f"max_seq_length must be at least 2 tokens, got {max_seq_length}.")
+        if global_batch_size is not None and global_batch_size < 1:
+            raise ValueError(f"global_batch_size must be at least 1, got {global_batch_size}.")
         self.replay, self.hub = replay or ReplayArgs(), hub or HubArgs()
         replay_count(1, self.replay.ratio)  # a bad ratio fails here, before anything loads
         self.save_hyperparameters(ignore=["replay", "hub"])
@@ -127,6 +134,19 @@ class ChatDataModule(L.LightningDataModule):
         self.stats: dict[str, dict[str, int]] = {}
         self.source_rows: dict[str, list[int]] = {}  # split name -> each row's number in the source (0-based)
         self._tokenizer = None
+
+    @property
+    def device_batch_size(self) -> int:
+        """Examples per micro-batch on this device: ``batch_size``, or this device's share of ``global_batch_size``."""
+        total = self.hparams.get("global_batch_size")
+        if total is None:
+            return self.hparams.batch_size
+        trainer = self.trainer
+        devices = trainer.world_size if trainer is not None else rank_and_world_size()[1]
+        if total % devices:
+            raise ValueError(f"global_batch_size {total} does not divide among {devices} devices: use a multiple of "
+                             f"{devices}, or --data.batch_size for a per-device batch.")
+        return total // devices
 
     @property
     def tokenizer(self):
@@ -248,8 +268,8 @@ class ChatDataModule(L.LightningDataModule):
         (:func:`lit_llama_lab.speed.attention.varlen_keys`), checked here."""
         batch["num_labelled"] = labelled_next_tokens(batch["labels"])
         if "document_ids" in batch:
-            check_documents(batch["document_ids"], self.hparams.batch_size)
-            batch["max_documents"] = self.hparams.batch_size
+            check_documents(batch["document_ids"], self.device_batch_size)
+            batch["max_documents"] = self.device_batch_size
         return batch
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
@@ -257,7 +277,7 @@ class ChatDataModule(L.LightningDataModule):
         # `--ckpt_path last` resumes mid-epoch on the very next batch (see data/sampler.py).
         return ResumableDataLoader(
             self.splits[split],
-            batch_size=self.hparams.batch_size,
+            batch_size=self.device_batch_size,
             shuffle=shuffle,
             seed=self.hparams.seed,
             collate_fn=self.collate,

@@ -4,11 +4,15 @@ Lightning 2.6 saves and restores the position of a train DataLoader only when th
 ``state_dict``/``load_state_dict`` (fit_loop saves them under ``loops.fit_loop.state_dict.combined_loader``); a plain
 ``DataLoader(shuffle=True)`` restarts the epoch from its first batch, with a different order. Here the order of epoch
 ``e`` is ``randperm(n, seed + e)``, so it is known without replaying earlier epochs, and the loader's state is
-``{epoch, batches}``: the epoch and how many batches of it were handed out.
+``{epoch, batches, examples}``: the epoch, how many batches of it this rank handed out, and how many examples of the
+epoch's order all ranks together consumed: the **global sample cursor**.
 
 Under DDP each rank reads the strided slice ``order[rank::world_size]`` of the same epoch permutation (padded, like
 ``DistributedSampler``, so every rank gets the same number of batches); rank and world size are read from
-``torch.distributed`` when iterating. The sampler subclasses ``DistributedSampler`` only so that Lightning sees it
+``torch.distributed`` when iterating. After ``k`` steps of ``batch_size`` on ``world_size`` ranks the strided
+slices have together consumed exactly ``order[:k * batch_size * world_size]``, so a run stopped mid-epoch resumes on
+any number of processes (and any batch size) at that cursor: the remaining examples, in the same order, shared
+among the new ranks. The sampler subclasses ``DistributedSampler`` only so that Lightning sees it
 already shards and does not replace it.
 """
 
@@ -33,16 +37,17 @@ def rank_and_world_size() -> tuple[int, int]:
 class EpochSeededSampler(DistributedSampler):
     """Indices ``0..n-1``, shuffled by ``torch.randperm`` seeded with ``seed + epoch`` (or in order), from ``start``.
 
-    Under ``torch.distributed`` this rank's share: ``order[rank::world_size]`` of the order padded (from its start)
-    to a multiple of the world size. Lightning calls :meth:`set_epoch` before each epoch. ``start`` (a position in
-    this rank's share) applies to the next iteration only.
+    Under ``torch.distributed`` this rank's share: ``order[cursor:][rank::world_size]``, the rest of the order
+    padded (with the order's first indices) to a multiple of the world size. Lightning calls :meth:`set_epoch` before
+    each epoch. ``cursor`` (examples of the epoch's order already consumed by all ranks) applies to the next
+    iteration only.
     """
 
     def __init__(self, length: int, seed: int = 0, shuffle: bool = True) -> None:  # noqa: D107
         # DistributedSampler.__init__ is skipped on purpose: it fixes rank and world size at construction.
         self.length, self.seed, self.shuffle = length, seed, shuffle
         self.epoch = 0
-        self.start = 0
+        self.cursor = 0
 
     @property
     def rank(self) -> int:  # DistributedSampler's attributes, live
@@ -61,18 +66,20 @@ class EpochSeededSampler(DistributedSampler):
             return list(range(self.length))
         return torch.randperm(self.length, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
 
-    def shard(self, epoch: int) -> list[int]:
-        """This rank's indices of ``epoch``: every ``world_size``-th of the padded order, from ``rank``."""
+    def shard(self, epoch: int, cursor: int = 0) -> list[int]:
+        """This rank's indices of ``epoch`` after the first ``cursor`` examples of its order: every
+        ``world_size``-th of the padded rest, from ``rank``."""
         rank, world_size = rank_and_world_size()
         order = self.order(epoch)
-        if world_size > 1 and order:
-            total = len(self) * world_size
-            order = (order * (total // len(order) + 1))[:total]
-        return order[rank::world_size]
+        rest = order[cursor:]
+        if world_size > 1 and rest:
+            total = -(-len(rest) // world_size) * world_size
+            rest = (rest + order * (total // len(order) + 1))[:total]
+        return rest[rank::world_size]
 
     def __iter__(self) -> Iterator[int]:
-        start, self.start = self.start, 0
-        yield from self.shard(self.epoch)[start:]
+        cursor, self.cursor = self.cursor, 0
+        yield from self.shard(self.epoch, cursor)
 
     def __len__(self) -> int:
         return -(-self.length // rank_and_world_size()[1])
@@ -98,43 +105,56 @@ class ResumableDataLoader(DataLoader):
         self.seed, self.shuffle = seed, shuffle
         super().__init__(dataset, batch_size=batch_size, sampler=EpochSeededSampler(len(dataset), seed, shuffle),
                          **kwargs)
-        self._batches = 0  # batches of the current epoch handed out
-        self._resume: tuple[int, int] | None = None
+        self._batches = 0  # batches of the current epoch handed out by this rank
+        self._cursor = 0  # examples of the current epoch's order consumed by all ranks together
+        self._resume: tuple[int, int] | None = None  # (epoch, cursor)
 
     def __iter__(self) -> Iterator[Any]:
         # A generator: nothing runs until the first batch is asked for, after Lightning's set_epoch.
         sampler: EpochSeededSampler = self.sampler
-        skip = 0
+        world_size = rank_and_world_size()[1]
+        cursor = 0
         if self._resume is not None and self._resume[0] == sampler.epoch:
-            skip = min(self._resume[1], len(self))
+            cursor = min(self._resume[1], sampler.length)
         self._resume = None
-        sampler.start = skip * self.batch_size
-        self._batches = skip
+        sampler.cursor = cursor
+        step = self.batch_size * world_size  # examples of the order all ranks consume per batch
+        self._cursor, self._batches = cursor, -(-cursor // step)
         for batch in super().__iter__():
             self._batches += 1
+            self._cursor = min(self._cursor + step, sampler.length)
             yield batch
 
     def state_dict(self) -> dict[str, int]:
-        """``{"epoch", "batches"}``: the epoch being read and how many of its batches were handed out."""
-        return {"epoch": self.sampler.epoch, "batches": self._batches, "seed": self.seed,
-                "world_size": rank_and_world_size()[1], "epoch_batches": len(self)}
+        """The epoch being read, this rank's batches of it handed out, and the global cursor (``examples``)."""
+        return {"epoch": self.sampler.epoch, "batches": self._batches, "examples": self._cursor, "seed": self.seed,
+                "world_size": rank_and_world_size()[1], "batch_size": self.batch_size, "epoch_batches": len(self)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue epoch ``state['epoch']`` after its first ``state['batches']`` batches."""
+        """Continue epoch ``state['epoch']`` after the examples of its order that were consumed: on any number of
+        processes and with any batch size, the remaining examples in the same order."""
         if state.get("seed", self.seed) != self.seed:
             raise ValueError(
                 f"The checkpoint's data order was drawn with seed {state['seed']}, this run uses {self.seed}: "
                 "resume with the same --data.seed, or start a new run."
             )
-        saved, now = state.get("world_size", 1), rank_and_world_size()[1]
         batches = state["batches"]
         if batches and batches >= state.get("epoch_batches", batches + 1):
-            batches = sys.maxsize  # the epoch was read to its end: skip all of it, whatever the number of processes
-        elif saved != now and batches:
-            raise ValueError(
-                f"The checkpoint stopped mid-epoch with {saved} process(es), this run has {now}: each process's "
-                "position in the epoch depends on the number of processes. Resume with the same number of devices "
-                "and nodes, or start a new run from the checkpoint's adapter folder."
-            )
+            cursor = sys.maxsize  # the epoch was read to its end: skip all of it
+        else:
+            saved_world, world = state.get("world_size", 1), rank_and_world_size()[1]
+            saved_step = state.get("batch_size", self.batch_size) * saved_world
+            step = self.batch_size * world
+            if batches and (saved_step != step or ("batch_size" not in state and saved_world != world)):
+                # Lightning restores its step counters in batches: only a resume with the same examples per step
+                # continues the epoch where it stopped
+                raise ValueError(
+                    f"The checkpoint stopped mid-epoch at {saved_step} examples per step ({saved_step // saved_world} "
+                    f"on each of {saved_world} process(es)); this run takes {step} ({self.batch_size} on each of "
+                    f"{world}). Resume with the same examples per step: --data.global_batch_size {saved_step} does it "
+                    "on any number of devices (or the same devices and --data.batch_size), or resume from a "
+                    "checkpoint written at an epoch end."
+                )
+            cursor = state.get("examples", batches * saved_step)  # before the cursor: batches of the strided share
         self.sampler.set_epoch(state["epoch"])
-        self._resume = (state["epoch"], batches)
+        self._resume = (state["epoch"], cursor)

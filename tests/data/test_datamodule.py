@@ -171,3 +171,20 @@ def test_finetome_config_trains_offline_on_the_sample(config, tmp_path, monkeypa
     name = config.removesuffix(".yaml")
     assert (tmp_path / "runs" / name / "checkpoints" / "last.ckpt").is_file()
     assert list((tmp_path / "runs" / name).glob("version_0/events.out.tfevents.*"))
+
+
+def test_a_global_batch_is_shared_among_the_devices_and_must_divide():
+    """``--data.global_batch_size``: each device takes its share, so 1 and 2 devices take the same steps."""
+    import lightning as L
+
+    from lit_llama_lab.data.datamodule import ChatDataModule
+
+    data = ChatDataModule(source="emoji", global_batch_size=8)
+    assert data.device_batch_size == 8  # no trainer: one process
+    data.trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    assert data.device_batch_size == 4
+    odd = ChatDataModule(source="emoji", global_batch_size=9)
+    odd.trainer = data.trainer
+    with pytest.raises(ValueError, match="global_batch_size 9 does not divide among 2 devices"):
+        odd.device_batch_size  # noqa: B018
+    assert ChatDataModule(source="emoji", batch_size=5).device_batch_size == 5

@@ -67,14 +67,16 @@ def free_port() -> int:
 
 
 def train(run_dir: Path, source: Path, devices: int, strategy: str = "ddp", steps: int = STEPS,
-          ckpt_path: Path | None = None) -> dict[str, torch.Tensor]:
+          ckpt_path: Path | None = None, global_batch: bool = False) -> dict[str, torch.Tensor]:
     """Train ``steps`` optimizer steps of ``BATCH`` examples on ``devices`` processes (``strategy`` when more than
-    one), from ``ckpt_path`` if given; returns the adapter weights of the ``last/`` folder."""
+    one), from ``ckpt_path`` if given; returns the adapter weights of the ``last/`` folder. The batch is given per
+    device (``--data.batch_size BATCH / devices``) or, with ``global_batch``, as ``--data.global_batch_size BATCH``."""
     run_dir.mkdir()
     config = run_dir / "config.yaml"
     config.write_text(CONFIG.format(steps=steps, dirpath=run_dir / "checkpoints", source=source))
     args = [sys.executable, "-m", "lit_llama_lab.cli", "fit", "--config", str(config),
-            "--trainer.devices", str(devices), "--data.batch_size", str(BATCH // devices)]
+            "--trainer.devices", str(devices)]
+    args += ["--data.global_batch_size", str(BATCH)] if global_batch else ["--data.batch_size", str(BATCH // devices)]
     if devices > 1:
         args += ["--trainer.strategy", strategy]
     if ckpt_path is not None:
