@@ -268,8 +268,8 @@ class ChatDataModule(L.LightningDataModule):
         (:func:`lit_llama_lab.speed.attention.varlen_keys`), checked here."""
         batch["num_labelled"] = labelled_next_tokens(batch["labels"])
         if "document_ids" in batch:
-            check_documents(batch["document_ids"], self.device_batch_size)
             batch["max_documents"] = self.device_batch_size
+            check_documents(batch["document_ids"], batch["max_documents"])
         return batch
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:

@@ -198,8 +198,8 @@ def main() -> None:
             return ResumableDataLoader(loader.dataset, batch_size=loader.batch_size, shuffle=True,
                                        seed=self.hparams.seed, collate_fn=loader.collate_fn)
 
-    class StallingCheckpointIO(TorchCheckpointIO):
-        """Writes half the bytes of the checkpoint of step ``at``, flags it, and stalls there."""
+    class HalfWriteCheckpointIO(TorchCheckpointIO):
+        """Writes the checkpoint of step ``at`` only halfway (flushed to disk), then :meth:`after_half_write`."""
 
         def __init__(self, at: int) -> None:
             self.at = at
@@ -215,24 +215,22 @@ def main() -> None:
                 f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
                 f.flush()
                 os.fsync(f.fileno())
-            (Path(path).parent / "WRITING").touch()
+            self.after_half_write(Path(path))
+
+        def after_half_write(self, path: Path) -> None:
+            raise NotImplementedError
+
+    class StallingCheckpointIO(HalfWriteCheckpointIO):
+        """Writes half the bytes of the checkpoint of step ``at``, flags it, and stalls there."""
+
+        def after_half_write(self, path: Path) -> None:
+            (path.parent / "WRITING").touch()
             time.sleep(600)
 
-    class FullDiskCheckpointIO(TorchCheckpointIO):
+    class FullDiskCheckpointIO(HalfWriteCheckpointIO):
         """Writes of step ``at`` stop halfway with ENOSPC, as on a full disk."""
 
-        def __init__(self, at: int) -> None:
-            self.at = at
-
-        def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-            if checkpoint["global_step"] != self.at:
-                return super().save_checkpoint(checkpoint, path, storage_options)
-            import io
-
-            buffer = io.BytesIO()
-            torch.save(checkpoint, buffer)
-            with open(path, "wb") as f:
-                f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        def after_half_write(self, path: Path) -> None:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
     class SigtermAt(Callback):

@@ -220,11 +220,8 @@ def test_verify_tables_every_artefact_and_fails_on_a_perturbed_gguf(checkpoint, 
 
 
 @pytest.mark.slow
-def test_smollm2_merge_and_f16_gguf_round_trip(tmp_path):
-    checkpoint = make_checkpoint(tmp_path / "ckpt", base="smollm2-135m", scale=0.01)
-    out = export(str(checkpoint), str(tmp_path / "smol"), gguf="f16", dtype="float32", verify=False)
-    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(out)
+def test_smollm2_merge_and_f16_gguf_round_trip(smol_f16_export):
+    checkpoint, out, merged, tokenizer = smol_f16_export
     reference, _ = load_for_inference(str(checkpoint), compute_dtype="float32")
     gap = logit_gap(reference, merged, fidelity_batch(tokenizer))
     assert gap["max_abs"] < 1e-3 and gap["top1_agreement"] == 1.0

@@ -100,13 +100,10 @@ def test_evaluate_runs_the_emoji_evaluation_in_llama_cpp(tiny_export, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_answers_in_llama_cpp_as_in_transformers(tmp_path):
-    from tests.tools.test_export import PROMPTS, greedy, make_checkpoint
+def test_smollm2_gguf_answers_in_llama_cpp_as_in_transformers(smol_f16_export):
+    from tests.tools.test_export import PROMPTS, greedy
 
-    checkpoint = make_checkpoint(tmp_path / "ckpt", base="smollm2-135m", scale=0.01)
-    out = export(str(checkpoint), str(tmp_path / "smol"), gguf="f16", dtype="float32", verify=False)
-    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(out)
+    _, out, merged, tokenizer = smol_f16_export
     runtime = LlamaCppModel(out / "gguf" / "smol-f16.gguf")
     try:
         assert runtime.pre_tokenizer == "smollm"
