@@ -17,6 +17,8 @@ from lit_llama_lab.data.datamodule import ChatDataModule  # noqa: E402
 from lit_llama_lab.train.module import QLoRAModule  # noqa: E402
 
 FSDP_STRATEGY = "lit_llama_lab.model.fsdp.QLoRAFSDPStrategy"
+DDP_STRATEGY = "lit_llama_lab.train.ddp.QLoRADDPStrategy"
+STRATEGIES = {"fsdp": FSDP_STRATEGY, "ddp": DDP_STRATEGY}  # names the CLI maps to this project's strategies
 STOPPED_BY_SIGTERM = 128 + signal.SIGTERM  # the exit status of a run a scheduler stopped: 143, never 0
 # Subcommands that are not Trainer methods: name -> "module:function" run through jsonargparse.
 TOOLS = {
@@ -41,12 +43,14 @@ class LabCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         """``--trainer.strategy fsdp`` means :class:`lit_llama_lab.model.fsdp.QLoRAFSDPStrategy` (adapter-only
-        checkpoints)."""
+        checkpoints); ``ddp`` means :class:`lit_llama_lab.train.ddp.QLoRADDPStrategy` (each rank keeps CUDA graphs;
+        Lightning's wrapper DDP stays available as ``ddp_find_unused_parameters_false`` or a DDPStrategy object)."""
         from jsonargparse import Namespace
 
         config = self.config.get(self.subcommand) if self.subcommand else self.config
-        if config is not None and config.get("trainer.strategy") == "fsdp":
-            config["trainer.strategy"] = Namespace(class_path=FSDP_STRATEGY, init_args=Namespace())
+        strategy = config.get("trainer.strategy") if config is not None else None
+        if isinstance(strategy, str) and strategy in STRATEGIES:
+            config["trainer.strategy"] = Namespace(class_path=STRATEGIES[strategy], init_args=Namespace())
 
     def before_fit(self) -> None:
         """Refuse at once, before data and model load, a fit into a folder holding another run's checkpoints."""

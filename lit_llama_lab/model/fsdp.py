@@ -178,6 +178,9 @@ def _full_state_dict_type(model: nn.Module, rank0_only: bool):
     from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+    # on CPU, "offloading" a gathered optimizer state is a no-op .cpu() of torch's reused all-gather buffer: every
+    # state of a unit would come back as the last one gathered (exp_avg as exp_avg_sq); CPU ranks keep the gather
+    offload = next(model.parameters()).device.type != "cpu"
     return FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
                                 FullStateDictConfig(offload_to_cpu=True, rank0_only=rank0_only),
-                                FullOptimStateDictConfig(offload_to_cpu=True, rank0_only=rank0_only))
+                                FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only))

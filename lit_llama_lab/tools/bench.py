@@ -30,23 +30,33 @@ from lit_llama_lab.tools.bench_paths import (  # noqa: F401  (re-exported for sc
     synthetic_batch,
 )
 from lit_llama_lab.train.args import PrecisionArgs, SpeedArgs
+from lit_llama_lab.train.ddp import all_reduce_gradients
 
 GPU_PATHS = "baseline,baseline+amp,ours+graphs+compile,ours+varlen+compile+graphs"
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 spec sheets
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def train_steps(model, loss_fn: Callable, batches: list[dict], device: torch.device, amp: bool = False) -> list[float]:
     """One AdamW step (lr 2e-4, fused on GPU) per batch, under bf16 autocast on GPU when ``amp`` (the baseline+amp
-    path only: training, and so every ``ours`` path, runs no autocast). Returns the losses."""
+    path only: training, and so every ``ours`` path, runs no autocast). In a process group (``bench --devices N``)
+    the adapters' gradients are averaged over the ranks after each backward, as
+    :class:`lit_llama_lab.train.ddp.QLoRADDPStrategy` does. Returns the losses."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = getattr(model, "_bench_optimizer", None) or torch.optim.AdamW(params, lr=2e-4,
                                                                               fused=device.type == "cuda")
     model._bench_optimizer = optimizer
     model.train()
     losses = []
+    distributed = _distributed()
     for batch in batches:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
             loss = loss_fn(batch)
         loss.backward()
+        if distributed:  # what QLoRADDPStrategy does after each step's backward
+            all_reduce_gradients(params)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())
@@ -79,6 +89,8 @@ def measure_speed(builder: Callable, options: dict, setup: dict, batch: dict, st
     if device.type == "cuda":  # warm-up holds compilation and graph capture: the timed steps' own peak is kept apart
         warm_peak = torch.cuda.max_memory_allocated() / 2**30
         torch.cuda.reset_peak_memory_stats()
+    if _distributed():
+        torch.distributed.barrier()  # every rank starts the timed steps together
     start = time.perf_counter()
     losses = train_steps(model, loss_fn, [prepared] * steps, device, amp)
     _sync(device)
@@ -96,6 +108,8 @@ def measure_speed(builder: Callable, options: dict, setup: dict, batch: dict, st
         result["mfu"] = result["tflops_per_s"] / setup["peak_tflops"]
     if getattr(loss_fn, "plan", None) is not None:
         result["plan"] = loss_fn.plan.as_dict()
+    if _distributed():  # equal on every rank when the gradients were averaged
+        result["adapter_checksum"] = float(sum(p.detach().double().sum() for p in model.parameters() if p.requires_grad))
     del model, loss_fn
     _free(device)
     return result
@@ -159,6 +173,7 @@ def bench(
     peak_tflops: float = 0.0,
     seed: int = 0,
     isolate: bool | None = None,
+    devices: int = 1,
     output: str | None = None,
 ) -> dict:
     """Benchmark QLoRA training steps: the plain transformers+peft+bitsandbytes stack against training's step.
@@ -191,6 +206,10 @@ def bench(
         isolate: run each path in its own Python process (this command spawns them), so no path inherits another's
             compiled code, CUDA graph pools or allocator state: measured in one process, the fourth path's peak read
             0.23 GiB above its own process's. Default: on a GPU when more than one path runs.
+        devices: GPUs (processes) per path. Above 1, each path runs on 1 and then on ``devices`` GPUs, each rank its
+            own batch of the same shape, the adapters' gradients averaged after every backward as
+            :class:`lit_llama_lab.train.ddp.QLoRADDPStrategy` does (:mod:`lit_llama_lab.tools.bench_devices`):
+            tokens/s in total and per GPU, scaling efficiency, peak memory per GPU. On a CPU: gloo processes.
         output: write the results as JSON here (atomically).
 
     Returns the results dict; prints a Markdown table whose last column says what each path ran. The one surprising
@@ -199,19 +218,16 @@ def bench(
     speed = SpeedArgs(**speed) if isinstance(speed, dict) else speed  # a child process of isolate gets dicts
     precision = PrecisionArgs(**precision) if isinstance(precision, dict) else precision
     arguments = {**locals(), "speed": asdict(speed), "precision": asdict(precision)}  # for isolate's children
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    if shape == "auto":
-        shape = "llama-3.2-1b" if dev.type == "cuda" else "tiny"
-    if dev.type == "cuda" and not peak_tflops:
-        name = torch.cuda.get_device_name(dev)
-        peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 0.0)
-    setup = {"name": shape_model(shape), "rank": rank, "checkpointing": speed.gradient_checkpointing, "device": dev,
-             "seed": seed, "doc_len": doc_len, "peak_tflops": peak_tflops,
-             "loss_model": ("tiny-random" if shape == "tiny" else "smollm2-135m") if loss_model == "auto" else loss_model}
-    defaults = {k: v for k, v in {**asdict(speed), **asdict(precision)}.items() if k != "gradient_checkpointing"}
+    if devices < 1:
+        raise ValueError(f"--devices {devices}: give the number of GPUs (processes) to run on, 1 or more.")
+    dev, shape, setup, defaults = bench_setup(arguments)
     if paths == "auto":
         paths = GPU_PATHS if dev.type == "cuda" else "baseline,ours"
     plans = {p.strip(): path_options(p, defaults) for p in paths.split(",") if p.strip()}
+    if devices > 1:
+        from lit_llama_lab.tools.bench_devices import bench_on_devices
+
+        return bench_on_devices(arguments, list(plans), devices, output)
     if isolate is None:
         isolate = dev.type == "cuda" and len(plans) > 1
     if isolate:
@@ -229,6 +245,25 @@ def bench(
     if output:
         write_json(output, results)
     return results
+
+
+def bench_setup(arguments: dict) -> tuple[torch.device, str, dict, dict]:
+    """``(device, shape, setup, defaults)`` of :func:`bench`'s ``arguments`` (its parameters, speed and precision as
+    dicts): the device, the model shape, what every path builds with, and the settings the modifiers start from."""
+    a = arguments
+    device = a["device"]
+    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
+    shape = a["shape"] if a["shape"] != "auto" else ("llama-3.2-1b" if dev.type == "cuda" else "tiny")
+    peak_tflops = a["peak_tflops"]
+    if dev.type == "cuda" and not peak_tflops:
+        name = torch.cuda.get_device_name(dev)
+        peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 0.0)
+    loss_model = a["loss_model"]
+    setup = {"name": shape_model(shape), "rank": a["rank"], "checkpointing": a["speed"]["gradient_checkpointing"],
+             "device": dev, "seed": a["seed"], "doc_len": a["doc_len"], "peak_tflops": peak_tflops,
+             "loss_model": ("tiny-random" if shape == "tiny" else "smollm2-135m") if loss_model == "auto" else loss_model}
+    defaults = {k: v for k, v in {**a["speed"], **a["precision"]}.items() if k != "gradient_checkpointing"}
+    return dev, shape, setup, defaults
 
 
 def measure_path(builder: Callable, options: dict, setup: dict, batch: dict, steps: int, warmup: int,

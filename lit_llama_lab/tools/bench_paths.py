@@ -20,10 +20,12 @@ from lit_llama_lab.model.precision import resolve_compute_dtype
 from lit_llama_lab.model.source import cache_dir
 from lit_llama_lab.train.args import LoraArgs, PrecisionArgs, SpeedArgs
 
-Shape = Literal["auto", "llama-3.2-1b", "smollm2-135m", "tiny"]
+Shape = Literal["auto", "llama-3.2-1b", "llama-3.2-3b", "smollm2-135m", "tiny"]
 LLAMA_32_1B = dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
                    intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
                    max_position_embeddings=8192, rms_norm_eps=1e-5)
+LLAMA_32_3B = {**LLAMA_32_1B, "hidden_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 24}
+RANDOM_SHAPES = {"llama-3.2-1b": LLAMA_32_1B, "llama-3.2-3b": LLAMA_32_3B}  # Meta's configs, random weights
 # The speed settings of `ours` before its modifiers: sdpa with our mask, eager layers, no CUDA graphs, checkpointing.
 BENCH_SPEED = SpeedArgs(attention="sdpa", compile=False, cuda_graphs=False, gradient_checkpointing=True)
 SPEED_FIELDS = {f.name for f in fields(SpeedArgs)}
@@ -34,15 +36,16 @@ MODIFIERS = {"sdpa": ("attention", "sdpa"), "flex": ("attention", "flex_attentio
 
 
 def shape_model(shape: Shape, tokenizer: str = "smollm2-135m") -> str:
-    """A name :func:`load_base_model` accepts for ``shape``; the random 1B model is written once to the cache, with
-    ``tokenizer``'s tokenizer (any will do: the speed batch draws random token ids from the model's vocabulary)."""
+    """A name :func:`load_base_model` accepts for ``shape``; a random Llama 3.2 1B/3B-shaped model is written once to
+    the cache, with ``tokenizer``'s tokenizer (any will do: the speed batch draws random token ids from the model's
+    vocabulary)."""
     from lit_llama_lab.io import write_once
 
     if shape in ("tiny", "smollm2-135m"):
         return "tiny-random" if shape == "tiny" else shape
-    if shape != "llama-3.2-1b":
-        raise ValueError(f"Unknown shape {shape!r}; use llama-3.2-1b, smollm2-135m or tiny.")
-    target = cache_dir() / "bench" / "llama-3.2-1b-random"
+    if shape not in RANDOM_SHAPES:
+        raise ValueError(f"Unknown shape {shape!r}; use llama-3.2-1b, llama-3.2-3b, smollm2-135m or tiny.")
+    target = cache_dir() / "bench" / f"{shape}-random"
     if (target / "config.json").is_file():
         return str(target)
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -50,7 +53,7 @@ def shape_model(shape: Shape, tokenizer: str = "smollm2-135m") -> str:
     tok = load_tokenizer(tokenizer)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = LlamaForCausalLM(LlamaConfig(**LLAMA_32_1B)).to(torch.bfloat16)
+        model = LlamaForCausalLM(LlamaConfig(**RANDOM_SHAPES[shape])).to(torch.bfloat16)
     return str(write_once(target, lambda folder: (model.save_pretrained(folder), tok.save_pretrained(folder))))
 
 
@@ -64,15 +67,17 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def synthetic_batch(vocab: int, micro_batch: int, seq_len: int, doc_len: int, device: torch.device) -> dict:
-    """A neutral packed batch of random tokens, every position labelled, documents of ``doc_len`` tokens back to
-    back in each row (``max_documents``: all of them, as the data module bounds a batch)."""
+def synthetic_batch(vocab: int, micro_batch: int, seq_len: int, doc_len: int, device: torch.device,
+                    seed: int = 0) -> dict:
+    """A neutral packed batch of random tokens (drawn from ``seed``; each rank of a multi-GPU bench its own), every
+    position labelled, documents of ``doc_len`` tokens back to back in each row (``max_documents``: all of them, as
+    the data module bounds a batch)."""
     from lit_llama_lab.data.packing import document_ids
 
     if seq_len % doc_len:
         raise ValueError(f"seq_len {seq_len} must be a multiple of doc_len {doc_len}.")
     docs = seq_len // doc_len
-    ids = torch.randint(0, vocab, (micro_batch, seq_len), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, vocab, (micro_batch, seq_len), generator=torch.Generator().manual_seed(seed))
     batch = {"input_ids": ids, "labels": ids.clone(),
              "position_ids": (torch.arange(seq_len) % doc_len).expand(micro_batch, -1).contiguous(),
              "document_ids": document_ids([[doc_len] * docs] * micro_batch, seq_len), "max_documents": micro_batch * docs}

@@ -23,9 +23,11 @@ log = logging.getLogger(__name__)
 
 
 def plan_for(name_or_path: str, quantize: str, precision: PrecisionArgs, speed: SpeedArgs, lora: LoraArgs,
-             device: str | torch.device | None = None, world_size: int = 1, fsdp: bool = False) -> Plan:
+             device: str | torch.device | None = None, world_size: int = 1, fsdp: bool = False,
+             wrapped: bool = False) -> Plan:
     """The :class:`~lit_llama_lab.train.plan.Plan` of a run on ``device`` (its model's config read, no weights)."""
-    return resolve(precision, speed, lora.dropout, target_for(name_or_path, quantize, device, world_size, fsdp))
+    return resolve(precision, speed, lora.dropout,
+                   target_for(name_or_path, quantize, device, world_size, fsdp, wrapped))
 
 
 def build(name_or_path: str, quantize: str, lora: LoraArgs, plan: Plan, init_adapter: str | None = None,

@@ -22,6 +22,7 @@ from lit_llama_lab.speed.attention import attention_inputs
 from lit_llama_lab.speed.loss import label_loss
 from lit_llama_lab.train.args import LoraArgs, PrecisionArgs, SpeedArgs
 from lit_llama_lab.train.build import build, plan_for
+from lit_llama_lab.train.ddp import is_wrapping
 from lit_llama_lab.train.plan import Plan
 from lit_llama_lab.train.step import TrainStep
 
@@ -91,7 +92,8 @@ class QLoRAModule(L.LightningModule):
         h = self.hparams
         self.plan = plan_for(h.name_or_path, h.quantize, self.precision, self.speed, self.lora,
                              device=strategy.root_device if strategy is not None else None,
-                             world_size=self.trainer_world_size(), fsdp=is_fsdp(strategy))
+                             world_size=self.trainer_world_size(), fsdp=is_fsdp(strategy),
+                             wrapped=is_wrapping(strategy))
         self.model, self.tokenizer = build(h.name_or_path, h.quantize, self.lora, self.plan, h.init_adapter,
                                            training=self.training)
         self.step = TrainStep(self.model, self.plan, self.tokenizer.pad_token_id, h.distill_weight)

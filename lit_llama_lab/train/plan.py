@@ -28,6 +28,9 @@ class Target:
         device: the device the model trains on.
         world_size: processes training together.
         fsdp: sharded by :class:`lit_llama_lab.model.fsdp.QLoRAFSDPStrategy`.
+        wrapped: the module runs inside a wrapper that syncs in its backward hooks (torch's
+            ``DistributedDataParallel``, FSDP): CUDA graphs and compiled layers are off. Ranks of
+            :class:`lit_llama_lab.train.ddp.QLoRADDPStrategy` run unwrapped, as one process does.
         hidden_size: the model's hidden size.
         four_bit_params: weights its 4-bit layers hold (0 when it is not quantized).
     """
@@ -37,10 +40,16 @@ class Target:
     fsdp: bool = False
     hidden_size: int = 0
     four_bit_params: int = 0
+    wrapped: bool = False
+
+    @property
+    def unwrapped(self) -> bool:
+        """Each process runs the module as one process would (one process, or QLoRADDPStrategy's ranks)."""
+        return self.world_size == 1 or not (self.fsdp or self.wrapped)
 
 
 def target_for(name_or_path: str, quantize: str, device: str | torch.device | None = None, world_size: int = 1,
-               fsdp: bool = False) -> Target:
+               fsdp: bool = False, wrapped: bool = False) -> Target:
     """The :class:`Target` of base model ``name_or_path`` (its config read, no weights loaded) on ``device``
     (default: a GPU when there is one)."""
     from lit_llama_lab.model.load import model_config
@@ -48,7 +57,8 @@ def target_for(name_or_path: str, quantize: str, device: str | torch.device | No
 
     config = model_config(name_or_path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return Target(device, world_size, fsdp, config.hidden_size, 0 if quantize == "none" else four_bit_params(config))
+    return Target(device, world_size, fsdp, config.hidden_size, 0 if quantize == "none" else four_bit_params(config),
+                  wrapped)
 
 
 @dataclass(frozen=True)
@@ -129,13 +139,15 @@ def resolve_attention(setting: str, target: Target, compute: torch.dtype, reason
 
 
 def resolve_compile(setting, target: Target, reasons: list[str]) -> bool:
-    """``auto``: on for one CUDA process training a model at least :data:`COMPILE_MIN_HIDDEN` wide."""
+    """``auto``: on for a CUDA process running the module unwrapped (:attr:`Target.unwrapped`) training a model at
+    least :data:`COMPILE_MIN_HIDDEN` wide."""
     forced = _switch("compile", setting, target.fsdp, "compiled layers inside FSDP units")
     if forced is not None:
         return forced
-    on = target.device.type == "cuda" and target.world_size == 1 and target.hidden_size >= COMPILE_MIN_HIDDEN
-    reasons.append(f"compile {'on' if on else 'off'}: {target.device.type}, {target.world_size} process(es), "
-                   f"hidden size {target.hidden_size} (on from {COMPILE_MIN_HIDDEN} on one GPU)")
+    on = target.device.type == "cuda" and target.unwrapped and target.hidden_size >= COMPILE_MIN_HIDDEN
+    reasons.append(f"compile {'on' if on else 'off'}: {target.device.type}, {target.world_size} process(es)"
+                   f"{'' if target.unwrapped else ' inside a DDP/FSDP wrapper'}, hidden size {target.hidden_size} "
+                   f"(on from {COMPILE_MIN_HIDDEN} on a GPU, one process or --trainer.strategy ddp)")
     return on
 
 
@@ -153,12 +165,16 @@ def resolve_dequantize_once(setting, target: Target, compute: torch.dtype, reaso
 
 
 def resolve_cuda_graphs(speed: SpeedArgs, lora_dropout: float, target: Target, reasons: list[str]) -> bool:
-    """CUDA graphs run on one CUDA process only (captured collectives are not supported here), and not with
-    gradient checkpointing plus LoRA dropout (checkpointing saves the RNG state to replay dropout, which a capture
-    cannot do)."""
+    """CUDA graphs run on CUDA processes that run the module unwrapped (one process, or the ranks of
+    :class:`lit_llama_lab.train.ddp.QLoRADDPStrategy`, which all-reduce outside the graph; a wrapper's backward
+    hooks cannot be captured), and not with gradient checkpointing plus LoRA dropout (checkpointing saves the RNG
+    state to replay dropout, which a capture cannot do)."""
     if not speed.cuda_graphs:
         return False
-    if target.device.type != "cuda" or target.world_size > 1:
+    if target.device.type != "cuda":
+        return False
+    if not target.unwrapped:
+        reasons.append("cuda_graphs off: the module runs inside a DDP/FSDP wrapper (--trainer.strategy ddp keeps them)")
         return False
     if speed.gradient_checkpointing and lora_dropout > 0:
         log.warning("cuda_graphs is off: gradient checkpointing with LoRA dropout > 0 cannot be captured.")

@@ -81,9 +81,10 @@ def test_fsdp_two_cpu_processes_match_one_process_with_the_combined_batch(one_pr
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="torch FSDP1 on CPU: optim_state_dict gathers every state of a unit into one "
-                   "reused buffer and, on CPU, .cpu() does not copy, so exp_avg comes back as exp_avg_sq (GPU copies)")
 def test_fsdp_checkpoint_holds_the_one_process_first_moments(one_process_run, fsdp_run) -> None:
+    """Was a strict xfail: on CPU ranks torch FSDP1's optim_state_dict "offloads" each gathered state with a no-op
+    ``.cpu()`` of its reused all-gather buffer, so exp_avg came back as exp_avg_sq. CPU ranks now keep the gather
+    (``offload_to_cpu`` only on GPUs, :func:`lit_llama_lab.model.fsdp._full_state_dict_type`)."""
     single, sharded = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=True)
                        for d in (one_process_run[0], fsdp_run[0]))
     states = [c["optimizer_states"][0]["state"] for c in (single, sharded)]
@@ -92,9 +93,9 @@ def test_fsdp_checkpoint_holds_the_one_process_first_moments(one_process_run, fs
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="on CPU the run resumed from the FSDP checkpoint ends with NaN adapter weights "
-                   "(measured: all 16384); suspected: the corrupted optimizer moments of the xfail above; not solved")
 def test_fsdp_checkpoint_resumes_on_one_process(tmp_path: Path, one_process_run, fsdp_run) -> None:
+    """Was a strict xfail (NaN adapter weights after the resume): the corrupted first moments above were the cause;
+    resumed from the FSDP checkpoint, one process now continues as from the one-process checkpoint."""
     one_dir, source, one = one_process_run
     fsdp_dir, _ = fsdp_run
     from_one = train(tmp_path / "from_one", source, 1, steps=2 * STEPS, ckpt_path=one_dir / "checkpoints/last.ckpt")

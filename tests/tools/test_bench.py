@@ -92,3 +92,20 @@ def test_isolated_bench_runs_each_path_in_its_own_process_with_the_same_results(
     failed = bench(**{**kwargs, "paths": "ours"}, isolate=True, loss_model="no-such-model")
     assert failed["paths"]["ours"]["error"].startswith("process exited 1:"), failed
     assert "no-such-model" in failed["paths"]["ours"]["error"]
+
+
+def test_bench_on_two_devices_runs_each_rank_on_its_own_batch_with_averaged_gradients(capsys):
+    """``--devices 2`` on a CPU (2 gloo processes): every rank trains its own batch (seeds 0 and 1), yet their adapters
+    end equal, because the gradients are averaged after each backward as QLoRADDPStrategy does; totals and scaling
+    come from the same invocation's one-device row."""
+    results = bench(shape="tiny", device="cpu", paths="ours", steps=2, warmup=1, real_data=False, devices=2,
+                    seq_len=64, micro_batch=1, doc_len=32)
+    single, multi = results["paths"]["ours"], results["devices"]["ours"]
+    assert "error" not in multi, multi
+    assert multi["gpus"] == 2 and len(multi["peak_gib_per_gpu"]) == 2
+    first, second = multi["adapter_checksums"]
+    assert first == second and first != 0.0
+    assert multi["tokens_per_s"] == pytest.approx(2 * 64 / multi["step_s"])
+    assert multi["scaling"] == pytest.approx(multi["tokens_per_s"] / (2 * single["tokens_per_s"]))
+    assert "2 ranks, adapter gradients averaged" in multi["runs"]
+    assert "| ours | 2 |" in capsys.readouterr().out

@@ -47,7 +47,8 @@ def test_forced_settings_and_refusals_name_the_fix():
 
 
 def test_gpu_auto_decisions_follow_the_model(monkeypatch):
-    """On a target GPU (decided without one: varlen's check is stubbed): compile for wide models on one process,
+    """On a target GPU (decided without one: varlen's check is stubbed): compile for wide models on one process
+    (or unwrapped DDP ranks),
     dequantize once when the copy fits 1 GiB, graphs unless checkpointing meets dropout."""
     import lit_llama_lab.train.plan as plan_module
 
@@ -59,8 +60,11 @@ def test_gpu_auto_decisions_follow_the_model(monkeypatch):
     small = resolve(PrecisionArgs(), SpeedArgs(), 0.0, Target(torch.device("cuda"), 1, False, 576,
                                                                DEQUANTIZED_MAX_BYTES // 2))
     assert (small.compile, small.dequantize_once) == (False, True)
-    ddp = resolve(PrecisionArgs(), SpeedArgs(), 0.0, dataclasses.replace(GPU, world_size=2))
-    assert not ddp.compile and not ddp.cuda_graphs
+    unwrapped = resolve(PrecisionArgs(), SpeedArgs(), 0.0, dataclasses.replace(GPU, world_size=2))
+    assert unwrapped.compile and unwrapped.cuda_graphs  # QLoRADDPStrategy's ranks run as one process does
+    wrapped = resolve(PrecisionArgs(), SpeedArgs(), 0.0, dataclasses.replace(GPU, world_size=2, wrapped=True))
+    assert not wrapped.compile and not wrapped.cuda_graphs
+    assert any("--trainer.strategy ddp keeps them" in r for r in wrapped.reasons)
     dropout = resolve(PrecisionArgs(), SpeedArgs(gradient_checkpointing=True), 0.1, GPU)
     assert not dropout.cuda_graphs and any("LoRA dropout" in r for r in dropout.reasons)
 

@@ -1,0 +1,122 @@
+"""Data parallel QLoRA that keeps the one-GPU speed: every rank replays its own CUDA graphs, then the adapters'
+gradients are averaged in one all-reduce.
+
+Lightning's ``DDPStrategy`` wraps the module in torch's ``DistributedDataParallel``, whose backward hooks launch
+bucketed all-reduces while the backward runs. Those hooks cannot live inside a captured CUDA graph, so under it
+training ran eagerly: on two H200 the emoji fit took 190 s against 83 s on one GPU. For QLoRA only the adapters
+train (a few MB of gradients), so overlapping their all-reduce with the backward buys little; what matters is that
+each rank keeps its graphed forward and backward. :class:`QLoRADDPStrategy` therefore does not wrap the module:
+
+* at setup the trainable parameters are broadcast from rank 0 (what DDP's constructor does), so every rank starts
+  from the same adapters;
+* after each optimizer step's closure (forward and backward of the step's last micro-batch, under accumulation
+  after all of them) the gradients of all trainable parameters are averaged over the ranks in one flat all-reduce
+  (:func:`all_reduce_gradients`), before clipping and the optimizer see them: the same gradients DDP gives.
+
+Everything else is Lightning's DDP: launching, process groups, samplers, checkpointing by rank 0, metric reduction.
+The CLI's ``--trainer.strategy ddp`` picks this strategy; the plan then keeps CUDA graphs and compiled layers
+(:func:`lit_llama_lab.train.plan.resolve`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from lightning.pytorch.strategies import DDPStrategy
+
+
+def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The parameters that train, in module order (the same order on every rank)."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def all_reduce_gradients(params: Iterable[torch.nn.Parameter], group=None) -> None:
+    """Average ``.grad`` of ``params`` over the ranks of ``group`` in one all-reduce of a flat buffer per dtype
+    (a parameter without a gradient contributes zeros, so every rank makes the same collective calls)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    if world == 1:
+        return
+    by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        by_dtype.setdefault(p.grad.dtype, []).append(p)
+    for group_params in by_dtype.values():
+        grads = [p.grad for p in group_params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, group=group)
+        flat.div_(world)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def broadcast_parameters(params: Iterable[torch.nn.Parameter], src: int = 0, group=None) -> None:
+    """Copy ``params`` from rank ``src`` to every rank (one flat broadcast per dtype)."""
+    import torch.distributed as dist
+
+    by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+    for p in params:
+        by_dtype.setdefault(p.dtype, []).append(p)
+    with torch.no_grad():
+        for group_params in by_dtype.values():
+            flat = torch.cat([p.reshape(-1) for p in group_params])
+            dist.broadcast(flat, src, group=group)
+            offset = 0
+            for p in group_params:
+                p.copy_(flat[offset:offset + p.numel()].view_as(p))
+                offset += p.numel()
+
+
+class QLoRADDPStrategy(DDPStrategy):
+    """Lightning's DDP without the ``DistributedDataParallel`` wrapper: each rank runs the single-process step
+    (CUDA graphs, compiled layers), and the trainable parameters' gradients are averaged once per optimizer step.
+
+    Takes :class:`~lightning.pytorch.strategies.DDPStrategy`'s arguments; DDP-wrapper options (``static_graph``,
+    ``find_unused_parameters``, communication hooks) do not apply and are refused.
+    """
+
+    strategy_name = "qlora_ddp"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        wrapper_only = {"ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period",
+                        "static_graph", "find_unused_parameters", "gradient_as_bucket_view"}
+        refused = sorted(set(kwargs) & wrapper_only)
+        if refused:
+            raise ValueError(f"QLoRADDPStrategy does not wrap the model in DistributedDataParallel, so {refused} "
+                             "do not apply: drop them, or pass Lightning's DDPStrategy object to train eagerly with "
+                             "the wrapper.")
+        super().__init__(*args, **kwargs)
+
+    def configure_ddp(self) -> None:
+        """No wrapper: start every rank from rank 0's trainable parameters."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            broadcast_parameters(trainable(self.model))
+
+    def optimizer_step(self, optimizer, closure: Callable[[], Any], model=None, **kwargs: Any) -> Any:
+        """The step, with the gradients averaged over the ranks right after ``closure``'s backward."""
+
+        def closure_then_average() -> Any:
+            loss = closure()
+            all_reduce_gradients(trainable(self.lightning_module))
+            return loss
+
+        return super().optimizer_step(optimizer, closure_then_average, model, **kwargs)
+
+
+def is_wrapping(strategy: object) -> bool:
+    """True when ``strategy`` trains several processes through a module wrapper whose backward hooks synchronize
+    (Lightning's own DDP, DeepSpeed, ...): CUDA graphs and compiled layers are then off. False for one process,
+    for :class:`QLoRADDPStrategy` and for FSDP (which the plan handles on its own)."""
+    from lightning.pytorch.strategies import ParallelStrategy
+
+    from lit_llama_lab.model.fsdp import is_fsdp
+
+    if strategy is None or isinstance(strategy, QLoRADDPStrategy) or is_fsdp(strategy):
+        return False
+    return isinstance(strategy, ParallelStrategy) and getattr(strategy, "world_size", 1) > 1

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# Issue 18 (and 16's solo timing) on a host with two H200, after `source scripts/gpu_setup.sh`. Results under $OUT.
+#   PART=emoji  the GPU-only tests; the replay answers cached; the default emoji config on 1 GPU alone, then on 2 GPUs
+#               (--trainer.strategy ddp, the same global batch), each the whole command timed; both adapters evaluated
+#               (strict emoji scoring + general suite), in parallel, one per GPU.
+#   PART=scale  the 1B bench on 1 and 2 GPUs (training's default path); a 2-GPU run killed (SIGKILL) mid-epoch and
+#               resumed on 1 GPU, its examples step by step against a 1-GPU run straight through.
+set -u
+OUT=${OUT:?set OUT}; mkdir -p "$OUT"; PY=python3; W=/tmp/multi; mkdir -p $W; START=$(date +%s)
+log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.txt"; }
+fit() { "$PY" -m lit_llama_lab.cli fit --config configs/emoji.yaml "$@"; }
+ev() { local t=$1; shift; timeout "$t" "$PY" -m lit_llama_lab.cli evaluate --batch_size 400 "$@"; }
+case ${PART:?set PART} in
+emoji)
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/summary.txt" 2>&1
+  "$PY" -c "import torch, transformers, peft, bitsandbytes, lightning; print(torch.__version__, transformers.__version__, peft.__version__, bitsandbytes.__version__, lightning.__version__)" >> "$OUT/summary.txt" 2>&1
+  (CUDA_VISIBLE_DEVICES=0 timeout 200 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/gpu > $W/gpu-tests.log 2>&1; echo "pytest rc=$?" >> $W/gpu-tests.log) &
+  # the replay answers, generated once per host (a fit would otherwise pay ~35 s for them once)
+  CUDA_VISIBLE_DEVICES=1 timeout 150 "$PY" -c "
+from lit_llama_lab.data.datamodule import ChatDataModule
+from lit_llama_lab.data.replay import ReplayArgs
+d = ChatDataModule(source='emoji', tokenizer='smollm2-135m', batch_size=32, max_seq_length=512, test_fraction=0.2, val_fraction=0.02, replay=ReplayArgs(ratio=0.2, model='smollm2-135m'))
+d.prepare_data()" > $W/replay.log 2>&1; log "replay cache rc=$?"
+  wait; tail -n 3 $W/gpu-tests.log | tee -a "$OUT/summary.txt"
+  t=$(date +%s); CUDA_VISIBLE_DEVICES=0 timeout 200 bash -c "$(declare -f fit); PY=$PY; fit --trainer.logger.init_args.name one" > $W/fit-one.log 2>&1
+  log "1 GPU fit rc=$? wall $(( $(date +%s) - t )) s"; grep -E "Training plan|steps|it/s" $W/fit-one.log | tail -n 3 >> "$OUT/summary.txt"
+  t=$(date +%s); timeout 240 bash -c "$(declare -f fit); PY=$PY; fit --trainer.logger.init_args.name two --trainer.devices 2 --trainer.strategy ddp --data.global_batch_size 32" > $W/fit-two.log 2>&1
+  log "2 GPU fit rc=$? wall $(( $(date +%s) - t )) s"; grep -E "Training plan|steps|it/s" $W/fit-two.log | tail -n 3 >> "$OUT/summary.txt"
+  for r in one two; do ls runs/$r/checkpoints/ >> "$OUT/summary.txt" 2>&1; done
+  (CUDA_VISIBLE_DEVICES=0 ev 230 --model runs/one/checkpoints/last --suite '[emoji,general]' --split '[train,test]' --wordings '[train,heldout]' --limit 800 > $W/ev-one.log 2>&1; echo "ev one rc=$?" >> $W/ev-one.log) &
+  (CUDA_VISIBLE_DEVICES=1 ev 230 --model runs/two/checkpoints/last --suite '[emoji,general]' --split '[train,test]' --wordings '[train,heldout]' --limit 800 > $W/ev-two.log 2>&1; echo "ev two rc=$?" >> $W/ev-two.log) &
+  wait; tail -n 1 $W/ev-one.log $W/ev-two.log >> "$OUT/summary.txt"
+  tar cf - -C runs/one/checkpoints last | gzip > "$OUT/adapter-one.tgz" ;;
+scale)
+  (timeout 420 "$PY" -m lit_llama_lab.cli bench --shape llama-3.2-1b --paths ours+varlen+compile+graphs --devices 2 \
+     --output "$OUT/bench-2gpu.json" > $W/bench.log 2>&1; echo "bench rc=$?" >> $W/bench.log)
+  tail -n 12 $W/bench.log >> "$OUT/summary.txt"
+  # SIGKILL mid-epoch on 2 GPUs, resume on 1: the callbacks replaced by a step checkpoint and the example log
+  kill_cfg() { cat > $W/kill-$1.yaml <<Y
+trainer:
+  max_steps: 100
+  callbacks:
+    - class_path: lit_llama_lab.train.callbacks.AdapterCheckpoint
+      init_args: {every_n_train_steps: 20, monitor: null, save_top_k: 1}
+    - class_path: example_log.ExampleLog
+      init_args: {path: $W/$1.jsonl}
+Y
+  }
+  for n in first resumed straight; do kill_cfg $n; done
+  export PYTHONPATH=$PYTHONPATH:$PWD/scripts
+  setsid bash -c "$(declare -f fit); PY=$PY; fit --config $W/kill-first.yaml --trainer.logger.init_args.name kill --trainer.devices 2 --trainer.strategy ddp --data.global_batch_size 32" > $W/kill-first.log 2>&1 &
+  pid=$!; t=$(date +%s)
+  until grep -q '"global_step": 60' runs/kill/checkpoints/last/lit_llama_lab.json 2>/dev/null || [ $(( $(date +%s) - t )) -gt 150 ]; do sleep 0.5; done
+  kill -9 -- -$pid; wait $pid 2>/dev/null; log "2-GPU run SIGKILLed after $(( $(date +%s) - t )) s; last: $(cat runs/kill/checkpoints/last/lit_llama_lab.json 2>/dev/null | tr -d '\n' | cut -c1-200)"
+  CUDA_VISIBLE_DEVICES=0 timeout 150 bash -c "$(declare -f fit); PY=$PY; fit --config $W/kill-resumed.yaml --trainer.logger.init_args.name kill --data.global_batch_size 32 --ckpt_path last" > $W/kill-resumed.log 2>&1; log "resumed on 1 GPU rc=$?"
+  CUDA_VISIBLE_DEVICES=0 timeout 150 bash -c "$(declare -f fit); PY=$PY; fit --config $W/kill-straight.yaml --trainer.logger.init_args.name straight --data.global_batch_size 32" > $W/kill-straight.log 2>&1; log "straight on 1 GPU rc=$?"
+  "$PY" scripts/example_log.py compare $W/straight.jsonl $W/first.jsonl $W/resumed.jsonl 2>&1 | tee -a "$OUT/summary.txt" ;;
+fsdp)
+  # a Llama-3.2-3B-shaped model (random weights), QLoRA on 2 GPUs: DDP against FSDP at the same per-GPU batch, then the
+  # FSDP checkpoint resumed on 1 GPU; every step's loss and each rank's peak memory in $W/<run>.jsonl
+  export PYTHONPATH=$PYTHONPATH:$PWD/scripts
+  M=$("$PY" -c "from lit_llama_lab.tools.bench_paths import shape_model; print(shape_model('llama-3.2-3b'))" 2>$W/shape.log); log "3B model: $M"
+  cfg() { cat > $W/$1.yaml <<Y
+trainer:
+  max_steps: $2
+  callbacks:
+    - class_path: lit_llama_lab.train.callbacks.AdapterCheckpoint
+      init_args: {every_n_train_steps: 20, monitor: null, save_top_k: 1}
+    - class_path: example_log.StepLog
+      init_args: {path: $W/$1.jsonl}
+model: {name_or_path: $M, distill_weight: 0.0}
+data: {batch_size: 8, replay: {ratio: 0.0}}
+Y
+  }
+  cfg ddp3b 20; cfg fsdp3b 20; cfg resume3b 30
+  common="--trainer.limit_val_batches 0 --trainer.num_sanity_val_steps 0"
+  t=$(date +%s); timeout 200 bash -c "$(declare -f fit); PY=$PY; fit --config $W/ddp3b.yaml --trainer.logger.init_args.name ddp3b --trainer.devices 2 --trainer.strategy ddp $common" > $W/ddp3b.log 2>&1; log "3B DDP rc=$? $(( $(date +%s) - t )) s"
+  t=$(date +%s); timeout 200 bash -c "$(declare -f fit); PY=$PY; fit --config $W/fsdp3b.yaml --trainer.logger.init_args.name fsdp3b --trainer.devices 2 --trainer.strategy fsdp $common" > $W/fsdp3b.log 2>&1; log "3B FSDP rc=$? $(( $(date +%s) - t )) s"
+  t=$(date +%s); CUDA_VISIBLE_DEVICES=0 timeout 150 bash -c "$(declare -f fit); PY=$PY; fit --config $W/resume3b.yaml --trainer.logger.init_args.name fsdp3b --ckpt_path last $common" > $W/resume3b.log 2>&1; log "3B resumed on 1 GPU rc=$? $(( $(date +%s) - t )) s"
+  for r in ddp3b fsdp3b resume3b; do echo "== $r"; grep peak_gib $W/$r.jsonl; grep '"rank": 0' $W/$r.jsonl | grep loss | sed -n '1p;$p'; tail -n 2 $W/$r.log; done >> "$OUT/summary.txt" 2>&1 ;;
+esac
+tar czf "$OUT/logs.tgz" -C $W . ; log "done"; ls -la "$OUT"
