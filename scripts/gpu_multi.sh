@@ -14,23 +14,33 @@ case ${PART:?set PART} in
 emoji)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/summary.txt" 2>&1
   "$PY" -c "import torch, transformers, peft, bitsandbytes, lightning; print(torch.__version__, transformers.__version__, peft.__version__, bitsandbytes.__version__, lightning.__version__)" >> "$OUT/summary.txt" 2>&1
+  NG=$(nvidia-smi -L | wc -l); G1=$(( NG > 1 ? 1 : 0 ))
   (CUDA_VISIBLE_DEVICES=0 timeout 200 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/gpu > $W/gpu-tests.log 2>&1; echo "pytest rc=$?" >> $W/gpu-tests.log) &
   # the replay answers, generated once per host (a fit would otherwise pay ~35 s for them once)
-  CUDA_VISIBLE_DEVICES=1 timeout 150 "$PY" -c "
+  CUDA_VISIBLE_DEVICES=$G1 timeout 150 "$PY" -c "
 from lit_llama_lab.data.datamodule import ChatDataModule
 from lit_llama_lab.data.replay import ReplayArgs
 d = ChatDataModule(source='emoji', tokenizer='smollm2-135m', batch_size=32, max_seq_length=512, test_fraction=0.2, val_fraction=0.02, replay=ReplayArgs(ratio=0.2, model='smollm2-135m'))
 d.prepare_data()" > $W/replay.log 2>&1; log "replay cache rc=$?"
   wait; tail -n 3 $W/gpu-tests.log | tee -a "$OUT/summary.txt"
   t=$(date +%s); CUDA_VISIBLE_DEVICES=0 timeout 200 bash -c "$(declare -f fit); PY=$PY; fit --trainer.logger.init_args.name one" > $W/fit-one.log 2>&1
-  log "1 GPU fit rc=$? wall $(( $(date +%s) - t )) s"; grep -E "Training plan|steps|it/s" $W/fit-one.log | tail -n 3 >> "$OUT/summary.txt"
-  t=$(date +%s); timeout 240 bash -c "$(declare -f fit); PY=$PY; fit --trainer.logger.init_args.name two --trainer.devices 2 --trainer.strategy ddp --data.global_batch_size 32" > $W/fit-two.log 2>&1
-  log "2 GPU fit rc=$? wall $(( $(date +%s) - t )) s"; grep -E "Training plan|steps|it/s" $W/fit-two.log | tail -n 3 >> "$OUT/summary.txt"
+  log "1 GPU fit rc=$? wall $(( $(date +%s) - t )) s"; grep -E "Training plan|KL targets|it/s" $W/fit-one.log | tail -n 3 >> "$OUT/summary.txt"
+  [ "$NG" -gt 1 ] && { t=$(date +%s); timeout 240 bash -c "$(declare -f fit); PY=$PY; fit --trainer.logger.init_args.name two --trainer.devices 2 --trainer.strategy ddp --data.global_batch_size 32" > $W/fit-two.log 2>&1
+  log "2 GPU fit rc=$? wall $(( $(date +%s) - t )) s"; grep -E "Training plan|KL targets|it/s" $W/fit-two.log | tail -n 3 >> "$OUT/summary.txt"; }
   for r in one two; do ls runs/$r/checkpoints/ >> "$OUT/summary.txt" 2>&1; done
-  (CUDA_VISIBLE_DEVICES=0 ev 230 --model runs/one/checkpoints/last --suite '[emoji,general]' --split '[train,test]' --wordings '[train,heldout]' --limit 800 > $W/ev-one.log 2>&1; echo "ev one rc=$?" >> $W/ev-one.log) &
-  (CUDA_VISIBLE_DEVICES=1 ev 230 --model runs/two/checkpoints/last --suite '[emoji,general]' --split '[train,test]' --wordings '[train,heldout]' --limit 800 > $W/ev-two.log 2>&1; echo "ev two rc=$?" >> $W/ev-two.log) &
-  wait; tail -n 1 $W/ev-one.log $W/ev-two.log >> "$OUT/summary.txt"
-  tar cf - -C runs/one/checkpoints last | gzip > "$OUT/adapter-one.tgz" ;;
+  (CUDA_VISIBLE_DEVICES=0 ev 200 --model runs/one/checkpoints/last --suite '[emoji,general]' --split '[train,test]' --wordings '[train,heldout]' --limit 800 > $W/ev-one.log 2>&1; echo "ev one rc=$?" >> $W/ev-one.log) &
+  [ "$NG" -gt 1 ] && (CUDA_VISIBLE_DEVICES=1 ev 230 --model runs/two/checkpoints/last --suite '[emoji,general]' --split '[train,test]' --wordings '[train,heldout]' --limit 800 > $W/ev-two.log 2>&1; echo "ev two rc=$?" >> $W/ev-two.log) &
+  wait; tail -n 1 $W/ev-one.log $W/ev-two.log >> "$OUT/summary.txt" 2>&1
+  "$PY" - >> "$OUT/summary.txt" <<'PY'
+import json, pathlib
+for p in sorted(pathlib.Path("runs/eval").glob("*/metrics.json")):
+    r = json.loads(p.read_text()); m = r["metrics"]
+    if r.get("suite") == "general":
+        print(f"{r['model']} general: {m['accuracy']:.1%} leakage {m['leakage']:.1%} eos {m['eos_rate']:.1%}")
+    else:
+        print(f"{r['model']} {r['split']}/{r['wordings']}: strict {m['name_accuracy']:.1%} lenient {m['name_accuracy_lenient']:.1%} eos {m['eos_rate']:.1%}")
+PY
+  tar cf - -C runs/one/checkpoints last | split -b 15000000 -d - "$OUT/adapter-one.tar.part" ;;
 scale)
   (timeout 420 "$PY" -m lit_llama_lab.cli bench --shape llama-3.2-1b --paths ours+varlen+compile+graphs --devices 2 \
      --output "$OUT/bench-2gpu.json" > $W/bench.log 2>&1; echo "bench rc=$?" >> $W/bench.log)

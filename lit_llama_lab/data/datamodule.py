@@ -248,9 +248,23 @@ class ChatDataModule(L.LightningDataModule):
         replay = self.tokenize_split([{"messages": chat} for chat in chats], "messages", "replay")
         log.info("replay: %d chats of the answering model's own answers, %.1f%% of training examples", len(replay),
                  100 * len(replay) / max(1, len(replay) + len(train)))
-        # the flag becomes each batch's distill_mask: where the model's KL to the base is taken (model.distill_weight)
-        return datasets.concatenate_datasets([train.add_column("distill", [0] * len(train)),
-                                              replay.add_column("distill", [1] * len(replay))])
+        # the flag becomes each batch's distill_mask: where the model's KL to the base is taken (model.distill_weight);
+        # replay_id (0, 1, ... over the replay chats, -1 elsewhere) each batch's replay_ids, which find a chat's
+        # cached teacher states (speed.distill.TeacherCache)
+        train = train.add_column("distill", [0] * len(train)).add_column("replay_id", [-1] * len(train))
+        replay = replay.add_column("distill", [1] * len(replay)).add_column("replay_id", list(range(len(replay))))
+        return datasets.concatenate_datasets([train, replay])
+
+    def replay_examples(self) -> list[list[int]]:
+        """The token ids of the training split's replay chats, by ``replay_id`` (empty without replay)."""
+        if not self.splits:
+            self.setup("fit")
+        train = self.splits["train"]
+        if "replay_id" not in train.column_names:
+            return []
+        ids = train["replay_id"]
+        found = {i: row for i, row in zip(ids, train["input_ids"], strict=True) if i >= 0}
+        return [list(found[i]) for i in range(len(found))]
 
     def collate(self, examples: list[dict]) -> dict:
         """Padded rows, or examples packed into as few rows of at most ``max_seq_length`` tokens as best-fit needs,

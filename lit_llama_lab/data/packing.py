@@ -106,23 +106,28 @@ def collate_packed(bins: Sequence[Sequence[dict]], pad_id: int) -> dict:
 
 def with_distill_mask(batch: dict, rows: Sequence[Sequence[dict]]) -> dict:
     """Add ``distill_mask`` (True on the tokens of examples whose ``distill`` flag is set, laid out as the rows
-    hold them back to back) when the examples carry that flag; ``batch`` unchanged otherwise."""
+    hold them back to back) when the examples carry that flag, and ``replay_ids`` (each token's example
+    ``replay_id``, -1 elsewhere) when they carry that; ``batch`` unchanged otherwise."""
     if not rows or not rows[0] or "distill" not in rows[0][0]:
         return batch
     mask = torch.zeros(batch["input_ids"].shape, dtype=torch.bool)
+    ids = torch.full(batch["input_ids"].shape, -1, dtype=torch.long) if "replay_id" in rows[0][0] else None
     for r, examples in enumerate(rows):
         start = 0
         for ex in examples:
             n = len(ex["input_ids"])
             mask[r, start:start + n] = bool(ex["distill"])
+            if ids is not None:
+                ids[r, start:start + n] = ex["replay_id"]
             start += n
-    return {**batch, "distill_mask": mask}
+    return {**batch, "distill_mask": mask, **({"replay_ids": ids} if ids is not None else {})}
 
 
 def pad_packed_batch(batch: dict, multiple: int, pad_id: int) -> dict:
     """Widen a packed batch's rows (on any device) to the next multiple of ``multiple`` tokens.
 
-    Added positions are padding: ``pad_id``, label ``IGNORE_INDEX``, position 0, document id -1, no distillation.
+    Added positions are padding: ``pad_id``, label ``IGNORE_INDEX``, position 0, document id -1, no distillation
+    (replay id -1).
     The loss is unchanged; what changes is that batches fall into a few shapes, which CUDA graphs need. Packed
     batches are those with ``document_ids``; others are returned as they are, and so is a batch already of such a
     width. An attention mask the batch held no longer fits and is left out: convert after padding
@@ -135,7 +140,8 @@ def pad_packed_batch(batch: dict, multiple: int, pad_id: int) -> dict:
     if extra == 0:
         return batch
     pad = torch.nn.functional.pad
-    values = {"input_ids": pad_id, "labels": IGNORE_INDEX, "position_ids": 0, "document_ids": -1, "distill_mask": False}
+    values = {"input_ids": pad_id, "labels": IGNORE_INDEX, "position_ids": 0, "document_ids": -1, "distill_mask": False,
+              "replay_ids": -1}
     out = {k: v for k, v in batch.items() if k != "attention_mask"}
     for key, value in values.items():
         if key in batch:

@@ -18,7 +18,7 @@ import torch
 
 log = logging.getLogger(__name__)
 LOSS_KEYS = ("input_ids", "labels", "position_ids", "attention_mask", "cu_seq_lens_q", "cu_seq_lens_k",
-             "max_length_q", "max_length_k", "distill_mask")  # what the loss reads; other batch entries (counts, ids) stay out
+             "max_length_q", "max_length_k", "distill_mask", "teacher_index")  # what the loss reads; other batch entries (counts, ids) stay out
 
 
 class _LossOf(torch.nn.Module):

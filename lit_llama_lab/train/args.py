@@ -84,7 +84,9 @@ class SpeedArgs:
             whole in backward: :func:`lit_llama_lab.speed.compile.checkpoint_kwargs`). ``auto``: on when training on
             one CUDA GPU a model of hidden size >= 1024 (Llama-3.2-1B and up), where the step's arithmetic is worth
             fusing and tens of seconds of compilation pay for themselves; off for small models such as SmolLM2-135M,
-            on CPUs, and under DDP/FSDP. ``true`` / ``false`` force it (``true`` is refused under FSDP).
+            on CPUs, under FSDP and inside Lightning's DDP wrapper (``--trainer.strategy ddp``, this project's
+            :class:`~lit_llama_lab.train.ddp.QLoRADDPStrategy`, keeps it). ``true`` / ``false`` force it (``true`` is
+            refused under FSDP).
         dequantize_once: keep each frozen 4-bit layer's weight dequantized (in the compute dtype) for the whole run
             instead of dequantizing it at every forward and backward
             (:func:`lit_llama_lab.speed.dequantize.cache_dequantized_weights`): the same values, a few kernels fewer
@@ -93,11 +95,17 @@ class SpeedArgs:
             point), off on CPUs and under FSDP. ``true`` / ``false`` force it (``true`` is refused under FSDP).
         cuda_graphs: on one CUDA GPU, replay each training step's forward and backward from a CUDA graph (one per
             batch shape; same kernels, same math): removes the per-kernel launch overhead that dominates small
-            models. Off under DDP/FSDP and with gradient checkpointing plus LoRA dropout.
+            models. Each rank of ``--trainer.strategy ddp`` keeps them (the gradients are averaged outside the graph);
+            off under FSDP, inside Lightning's DDP wrapper, and with gradient checkpointing plus LoRA dropout.
         graph_pad_multiple: with CUDA graphs, packed rows are padded to a multiple of this many tokens so batches
             fall into few shapes (each shape is one capture and its own activation memory).
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         liger: Liger-Kernel's fused RMSNorm, RoPE and SwiGLU (needs ``liger-kernel`` and a CUDA GPU).
+        cache_teacher: with ``--model.distill_weight`` > 0, run the frozen base over the replay chats once at the
+            start of training and keep its final hidden states (:class:`lit_llama_lab.speed.distill.TeacherCache`),
+            instead of a forward pass of the base in every step: the same KL targets (the base and the replay chats
+            never change), one forward pass fewer per step. Costs the replay tokens x hidden size in the compute
+            dtype on the device (SmolLM2-135M, the bundled pool: about 0.1 GB).
     """
 
     attention: Literal["auto", "varlen", "sdpa", "eager", "flex_attention"] = "auto"
@@ -107,3 +115,4 @@ class SpeedArgs:
     graph_pad_multiple: int = 128
     gradient_checkpointing: bool = False
     liger: bool = False
+    cache_teacher: bool = True

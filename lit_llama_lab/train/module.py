@@ -105,6 +105,27 @@ class QLoRAModule(L.LightningModule):
         rank_zero_info(f"Training plan: {self.plan.summary()}" + "".join(f"\n  {r}" for r in self.plan.reasons))
         for logger in self.loggers:
             logger.log_hyperparams({"plan": self.plan.as_dict()})
+        self.cache_teacher()
+
+    def cache_teacher(self) -> None:
+        """With the KL term on and the data module's replay chats at hand, the base's states on them, once
+        (``--model.speed.cache_teacher``, :class:`lit_llama_lab.speed.distill.TeacherCache`)."""
+        import time
+
+        from lightning.pytorch.utilities import rank_zero_info
+
+        data = getattr(self.trainer, "datamodule", None)
+        if not (self.hparams.distill_weight > 0 and self.speed.cache_teacher and hasattr(data, "replay_examples")):
+            return
+        if self.plan.fsdp:  # the base is sharded: the step's own forward pass of the base gathers it
+            return
+        examples = data.replay_examples()
+        if not examples:
+            return
+        start = time.perf_counter()
+        cache = self.step.cache_teacher(examples)
+        rank_zero_info(f"KL targets: the base's states on {len(examples)} replay chats, computed once in "
+                       f"{time.perf_counter() - start:.1f} s ({cache.nbytes / 2**20:.0f} MiB on {cache.table.device})")
 
     def trainer_world_size(self) -> int:
         """Processes training together (1 without a trainer)."""

@@ -8,7 +8,7 @@ import torch
 
 from lit_llama_lab.data.packing import pad_packed_batch
 from lit_llama_lab.speed.attention import attention_inputs
-from lit_llama_lab.speed.distill import distilled_label_loss
+from lit_llama_lab.speed.distill import TeacherCache, distilled_label_loss
 from lit_llama_lab.speed.graphs import GraphedLoss
 from lit_llama_lab.speed.loss import fast_label_loss, label_loss
 from lit_llama_lab.train.plan import Plan
@@ -30,6 +30,14 @@ class TrainStep:
     def __init__(self, model, plan: Plan, pad_id: int, distill_weight: float = 0.0) -> None:
         self.model, self.plan, self.pad_id, self.distill_weight = model, plan, pad_id, distill_weight
         self.graphed: GraphedLoss | None = None
+        self.teacher: TeacherCache | None = None  # the base's states on the replay chats, once (set by the module)
+
+    def cache_teacher(self, examples: list[list[int]]) -> TeacherCache:
+        """Run the base over the replay chats ``examples`` once (:class:`TeacherCache`); later steps read the KL
+        targets from it instead of running the base."""
+        self.teacher = TeacherCache.build(self.model, examples, self.pad_id, self.plan.eval_attention,
+                                          self.plan.compute_dtype)
+        return self.teacher
 
     def inputs(self, batch: dict) -> dict:
         """``batch`` with the attention inputs the plan's training attention takes."""
@@ -40,13 +48,21 @@ class TrainStep:
 
     def __call__(self, batch: dict) -> torch.Tensor:
         distill = self.distill_weight > 0 and "distill_mask" in batch
-        loss_fn = partial(distilled_label_loss, weight=self.distill_weight) if distill else fast_label_loss
+        cached = distill and self.teacher is not None and "replay_ids" in batch
+        teacher = self.teacher.table if cached else None
+        loss_fn = partial(distilled_label_loss, weight=self.distill_weight, teacher=teacher) if distill \
+            else fast_label_loss
         if self.plan.cuda_graphs:
             if self.graphed is None:
                 self.graphed = GraphedLoss(self.model, loss_fn)
-            return self.graphed(self.inputs(pad_packed_batch(batch, self.plan.graph_pad_multiple, self.pad_id)))
-        inputs = self.inputs(batch)
+            batch = pad_packed_batch(batch, self.plan.graph_pad_multiple, self.pad_id)
+            return self.graphed(self.with_teacher_index(self.inputs(batch), cached))
+        inputs = self.with_teacher_index(self.inputs(batch), cached)
         return loss_fn(self.model, inputs) if distill else label_loss(self.model, inputs)[0]
+
+    def with_teacher_index(self, batch: dict, cached: bool) -> dict:
+        """``batch`` plus ``teacher_index`` (:meth:`TeacherCache.index`) when the KL targets come from the cache."""
+        return {**batch, "teacher_index": self.teacher.index(batch)} if cached else batch
 
     def evaluate(self, batch: dict) -> torch.Tensor:
         """The loss as validation computes it (no graphs, the plan's validation attention; the caller sets eval mode

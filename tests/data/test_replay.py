@@ -80,3 +80,16 @@ def test_smollm2_answers_once_and_training_mixes_its_answers(tmp_path, lab_cache
     assert all(text.removesuffix(tok.eos_token).strip() in usable and text.endswith(tok.eos_token) for text in replayed)
     again = answer_prompts("smollm2-135m", [r["prompt"] for r in cached], max_new_tokens=24, device="cpu")
     assert [a["answer"] for a in again.values()] == [r["answer"] for r in cached] and file.stat().st_mtime_ns == stamp
+    # the replay chats by replay_id, for the KL targets computed once at fit start (speed.distill.TeacherCache)
+    assert data.replay_examples() == [list(row["input_ids"]) for row in train.select(range(12, 15))]
+    import lightning as L
+
+    from lit_llama_lab.train.args import LoraArgs
+    from lit_llama_lab.train.module import QLoRAModule
+
+    module = QLoRAModule(name_or_path="tiny-random", lora=LoraArgs(r=4, alpha=8), distill_weight=1.0)
+    L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0).fit(module, data)
+    teacher = module.step.teacher
+    assert teacher is not None and teacher.table.shape[0] == sum(len(e) for e in data.replay_examples())
+    assert teacher.offsets.tolist() == [0, len(data.replay_examples()[0]), sum(map(len, data.replay_examples()[:2]))]

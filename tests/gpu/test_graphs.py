@@ -41,3 +41,41 @@ def test_graph_replay_gives_the_eager_losses_and_gradients():
     assert graph_losses == pytest.approx(eager_losses, rel=1e-5)
     for name, weight in eager_weights.items():
         torch.testing.assert_close(graph_weights[name], weight, rtol=1e-5, atol=1e-6)
+
+
+def test_graphed_step_reading_cached_kl_targets_matches_the_eager_step_running_the_base():
+    """The default emoji step on a GPU: graphed, KL targets from the TeacherCache, against the eager step that runs the
+    base inside the step (bf16, tiny 4-bit model, trained adapters)."""
+    import dataclasses
+
+    from lit_llama_lab.data.packing import collate_packed
+    from lit_llama_lab.train.step import TrainStep
+
+    torch.manual_seed(0)
+    module = make_module(quantize="nf4", compute_dtype="bfloat16", cuda_graphs=True)
+    module.model.cuda()
+    with torch.no_grad():
+        for name, p in module.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    tok = module.tokenizer
+    texts = ["a red apple", "the sea is blue today", "one two", "green tea, hot", "a quiet morning walk"]
+    examples = [{"input_ids": tok(t)["input_ids"], "labels": tok(t)["input_ids"], "distill": int(i > 0),
+                 "replay_id": i - 1} for i, t in enumerate(texts)]
+    batch = collate_packed([examples[:2], examples[2:4], examples[4:]], tok.pad_token_id)
+    batch = {k: v.cuda() for k, v in pad_packed_batch(batch, 128, tok.pad_token_id).items()}
+    batch["max_documents"] = len(examples)
+    graphed = TrainStep(module.model, module.plan, tok.pad_token_id, distill_weight=3.0)
+    graphed.cache_teacher([e["input_ids"] for e in examples[1:]])
+    eager = TrainStep(module.model, dataclasses.replace(module.plan, cuda_graphs=False), tok.pad_token_id, 3.0)
+    losses = {}
+    for name, step in (("eager", eager), ("graphed", graphed), ("graphed again", graphed)):
+        module.model.zero_grad(set_to_none=True)
+        loss = step(batch)
+        loss.backward()
+        losses[name] = (float(loss), [p.grad.float().clone() for p in module.model.parameters() if p.requires_grad])
+    assert graphed.graphed is not None and len(graphed.graphed.graphs) == 1
+    assert losses["graphed"][0] == pytest.approx(losses["eager"][0], rel=2e-3)
+    assert losses["graphed again"][0] == losses["graphed"][0]
+    for a, b in zip(losses["graphed"][1], losses["eager"][1], strict=True):
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-3)

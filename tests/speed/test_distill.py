@@ -76,3 +76,42 @@ def test_distill_mask_survives_padding_and_plain_batches_have_none():
     wide = pad_packed_batch(batch, 64, tok.pad_token_id)
     assert wide["distill_mask"].shape == wide["input_ids"].shape and wide["distill_mask"].sum() == batch["distill_mask"].sum()
     assert "distill_mask" not in tiny_batch(tok, distill=False)
+
+
+def test_cached_teacher_gives_the_loss_and_gradients_of_the_base_run_in_the_step():
+    """The KL targets read from a TeacherCache (the base run once over the replay chats, one chat per row) equal the
+    base run inside the step on packed rows: same loss and adapter gradients (fp32, tiny Llama, trained adapters)."""
+    from lit_llama_lab.speed.distill import TeacherCache
+    from lit_llama_lab.train.step import TrainStep
+
+    module = QLoRAModule(name_or_path="tiny-random", quantize="none", lora=LoraArgs(r=4, alpha=8, dropout=0.0))
+    module.configure_model()
+    tok = module.tokenizer
+    texts = [("a red apple", 0, -1), ("the sea is blue today", 1, 0), ("one two", 1, 1), ("green tea, hot", 1, 2)]
+    examples = [{"input_ids": tok(t)["input_ids"], "labels": tok(t)["input_ids"], "distill": d, "replay_id": i}
+                for t, d, i in texts]
+    batch = collate_packed([examples[:2], examples[2:]], tok.pad_token_id)  # replay chats share rows with others
+    assert batch["replay_ids"].tolist()[1][:3] == [1, 1, 2]
+    with torch.no_grad():
+        for name, p in module.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    step = TrainStep(module.model, module.plan, tok.pad_token_id, distill_weight=2.0)
+
+    def loss_and_grads():
+        module.model.zero_grad(set_to_none=True)
+        loss = step(batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for n, p in module.model.named_parameters() if p.requires_grad]
+
+    in_step, in_step_grads = loss_and_grads()
+    cache = step.cache_teacher([e["input_ids"] for e in examples[1:]])
+    assert isinstance(cache, TeacherCache) and cache.table.shape[0] == sum(len(e["input_ids"]) for e in examples[1:])
+    cached, cached_grads = loss_and_grads()
+    torch.testing.assert_close(cached, in_step, rtol=1e-5, atol=1e-6)
+    for a, b in zip(cached_grads, in_step_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # a wrong row (every replay token reading chat 0's states) moves the loss: the index is what is tested
+    wrong = TeacherCache(cache.table, torch.zeros_like(cache.offsets))
+    step.teacher = wrong
+    assert abs(float(step(batch)) - float(in_step)) > 1e-4
