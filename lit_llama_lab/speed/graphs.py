@@ -71,7 +71,8 @@ class GraphedLoss:
                 graphed = torch.cuda.make_graphed_callables(_LossOf(self.model, self.loss_fn, keys, static), tensors,
                                                             num_warmup_iters=1)
             except RuntimeError as error:  # an op that cannot be captured: keep training, eagerly
-                log.warning("CUDA graph capture failed (%s); training continues without graphs.", error)
+                log.warning("CUDA graph capture failed (%s); training continues without graphs.", error,
+                            exc_info=log.isEnabledFor(logging.DEBUG))
                 self.max_graphs = len(self.graphs)
                 torch.cuda.synchronize()
                 return self.eager(batch)
