@@ -65,7 +65,32 @@ Y
   CUDA_VISIBLE_DEVICES=0 timeout 150 bash -c "$(declare -f fit); PY=$PY; fit --config $W/kill-resumed.yaml --trainer.logger.init_args.name kill --data.global_batch_size 32 --ckpt_path last" > $W/kill-resumed.log 2>&1; log "resumed on 1 GPU rc=$?"
   CUDA_VISIBLE_DEVICES=0 timeout 150 bash -c "$(declare -f fit); PY=$PY; fit --config $W/kill-straight.yaml --trainer.logger.init_args.name straight --data.global_batch_size 32" > $W/kill-straight.log 2>&1; log "straight on 1 GPU rc=$?"
   "$PY" scripts/example_log.py compare $W/straight.jsonl $W/first.jsonl $W/resumed.jsonl 2>&1 | tee -a "$OUT/summary.txt" ;;
-fsdp)
+x2a)
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/summary.txt" 2>&1
+  CUDA_VISIBLE_DEVICES=0 timeout 150 "$PY" -c "
+from lit_llama_lab.data.datamodule import ChatDataModule
+from lit_llama_lab.data.replay import ReplayArgs
+d = ChatDataModule(source='emoji', tokenizer='smollm2-135m', batch_size=32, max_seq_length=512, test_fraction=0.2, val_fraction=0.02, replay=ReplayArgs(ratio=0.2, model='smollm2-135m'))
+d.prepare_data()" > $W/replay.log 2>&1 &
+  CUDA_VISIBLE_DEVICES=1 timeout 150 "$PY" -c "from lit_llama_lab.tools.bench_paths import shape_model; print(shape_model('llama-3.2-3b'))" > $W/shape.log 2>&1 &
+  wait; log "replay cache + 3B model written"
+  t=$(date +%s); CUDA_VISIBLE_DEVICES=0 timeout 200 bash -c "$(declare -f fit); PY=$PY; fit --trainer.logger.init_args.name one" > $W/fit-one.log 2>&1
+  log "1 GPU fit rc=$? wall $(( $(date +%s) - t )) s"; grep -E "KL targets|it/s" $W/fit-one.log | tail -n 2 >> "$OUT/summary.txt"
+  t=$(date +%s); timeout 240 bash -c "$(declare -f fit); PY=$PY; fit --trainer.logger.init_args.name two --trainer.devices 2 --trainer.strategy ddp --data.global_batch_size 32" > $W/fit-two.log 2>&1
+  log "2 GPU fit rc=$? wall $(( $(date +%s) - t )) s"; grep -E "Training plan|KL targets|it/s" $W/fit-two.log | tail -n 3 >> "$OUT/summary.txt"
+  (CUDA_VISIBLE_DEVICES=1 ev 230 --model runs/two/checkpoints/last --suite '[emoji,general]' --split '[train,test]' --wordings '[train,heldout]' --limit 800 > $W/ev-two.log 2>&1; echo "ev two rc=$?" >> $W/ev-two.log) &
+  PART=fsdp3b OUT=$OUT bash "$0"; wait
+  "$PY" - >> "$OUT/summary.txt" <<'PY'
+import json, pathlib
+for p in sorted(pathlib.Path("runs/eval").glob("*/metrics.json")):
+    r = json.loads(p.read_text()); m = r["metrics"]
+    if r.get("suite") == "general":
+        print(f"{r['model']} general: {m['accuracy']:.1%} leakage {m['leakage']:.1%} eos {m['eos_rate']:.1%}")
+    else:
+        print(f"{r['model']} {r['split']}/{r['wordings']}: strict {m['name_accuracy']:.1%} lenient {m['name_accuracy_lenient']:.1%} eos {m['eos_rate']:.1%}")
+PY
+  ;;
+fsdp3b)
   # a Llama-3.2-3B-shaped model (random weights), QLoRA on 2 GPUs: DDP against FSDP at the same per-GPU batch, then the
   # FSDP checkpoint resumed on 1 GPU; every step's loss and each rank's peak memory in $W/<run>.jsonl
   export PYTHONPATH=$PYTHONPATH:$PWD/scripts
@@ -84,9 +109,9 @@ Y
   }
   cfg ddp3b 20; cfg fsdp3b 20; cfg resume3b 30
   common="--trainer.limit_val_batches 0 --trainer.num_sanity_val_steps 0"
-  t=$(date +%s); timeout 200 bash -c "$(declare -f fit); PY=$PY; fit --config $W/ddp3b.yaml --trainer.logger.init_args.name ddp3b --trainer.devices 2 --trainer.strategy ddp $common" > $W/ddp3b.log 2>&1; log "3B DDP rc=$? $(( $(date +%s) - t )) s"
-  t=$(date +%s); timeout 200 bash -c "$(declare -f fit); PY=$PY; fit --config $W/fsdp3b.yaml --trainer.logger.init_args.name fsdp3b --trainer.devices 2 --trainer.strategy fsdp $common" > $W/fsdp3b.log 2>&1; log "3B FSDP rc=$? $(( $(date +%s) - t )) s"
-  t=$(date +%s); CUDA_VISIBLE_DEVICES=0 timeout 150 bash -c "$(declare -f fit); PY=$PY; fit --config $W/resume3b.yaml --trainer.logger.init_args.name fsdp3b --ckpt_path last $common" > $W/resume3b.log 2>&1; log "3B resumed on 1 GPU rc=$? $(( $(date +%s) - t )) s"
+  t=$(date +%s); timeout 130 bash -c "$(declare -f fit); PY=$PY; fit --config $W/ddp3b.yaml --trainer.logger.init_args.name ddp3b --trainer.devices 2 --trainer.strategy ddp $common" > $W/ddp3b.log 2>&1; log "3B DDP rc=$? $(( $(date +%s) - t )) s"
+  t=$(date +%s); timeout 150 bash -c "$(declare -f fit); PY=$PY; fit --config $W/fsdp3b.yaml --trainer.logger.init_args.name fsdp3b --trainer.devices 2 --trainer.strategy fsdp $common" > $W/fsdp3b.log 2>&1; log "3B FSDP rc=$? $(( $(date +%s) - t )) s"
+  t=$(date +%s); CUDA_VISIBLE_DEVICES=0 timeout 100 bash -c "$(declare -f fit); PY=$PY; fit --config $W/resume3b.yaml --trainer.logger.init_args.name fsdp3b --ckpt_path last $common" > $W/resume3b.log 2>&1; log "3B resumed on 1 GPU rc=$? $(( $(date +%s) - t )) s"
   for r in ddp3b fsdp3b resume3b; do echo "== $r"; grep peak_gib $W/$r.jsonl; grep '"rank": 0' $W/$r.jsonl | grep loss | sed -n '1p;$p'; tail -n 2 $W/$r.log; done >> "$OUT/summary.txt" 2>&1 ;;
 esac
 tar czf "$OUT/logs.tgz" -C $W . ; log "done"; ls -la "$OUT"
