@@ -103,15 +103,42 @@ def gather_adapter_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
 class QLoRAFSDPStrategy(FSDPStrategy):
     """Lightning's FSDPStrategy (FSDP1, ``use_orig_params=True``) for a QLoRAModule; ``--trainer.strategy fsdp``.
 
-    Two differences from FSDPStrategy:
+    Differences from FSDPStrategy:
 
     * Checkpoints hold the adapter weights only, gathered unit by unit (:func:`gather_adapter_state_dict`) and keyed
       as on one device. FSDPStrategy would gather the whole 4-bit base into every checkpoint and drop it again.
     * The root unit gets ``device_id=root_device``, so it also runs on CPU processes over gloo (tests, debugging).
       FSDPStrategy passes ``device_id=None`` on CPU, which torch's FSDP reads as "no accelerator".
+    * The module keeps the plan's dtypes (no cast to float32 under ``32-true``), and ``gradient_clip_val`` clips the
+      global norm over the shards.
     """
 
     strategy_name = "qlora_fsdp"
+
+    def setup(self, trainer) -> None:
+        """FSDPStrategy's setup without its precision plugin's ``convert_module``: under ``32-true`` it casts the whole
+        module to float32, which on a GPU turns the bf16 embeddings, norms and vocabulary projection of the plan into
+        float32 weights that the bf16 hidden states then meet (measured on 2 H200: "expected mat1 and mat2 to have the
+        same dtype"). The model's dtypes are the plan's (:func:`lit_llama_lab.train.build.build`)."""
+        plugin = self.precision_plugin
+        plugin.convert_module = lambda module: module  # this instance only
+        try:
+            super().setup(trainer)
+        finally:
+            del plugin.convert_module
+
+    @property
+    def mixed_precision_config(self):
+        """FSDP's MixedPrecision only when given explicitly (``mixed_precision=``). Lightning derives one from its
+        precision plugin, under ``32-true`` float32 for parameters, so every unit would gather the plan's bf16 weights
+        as float32 (the vocabulary projection among them); the plan already decides each weight's dtype."""
+        return self.mixed_precision
+
+    def clip_gradients_by_norm(self, max_norm: float) -> None:
+        """Clip the global gradient norm over all shards (FSDP's ``clip_grad_norm_`` of the root unit, collective):
+        what one process clipping the whole gradient does. Lightning's FSDP precision plugin refuses norm clipping;
+        :meth:`lit_llama_lab.train.module.QLoRAModule.configure_gradient_clipping` calls this instead."""
+        self.model.clip_grad_norm_(max_norm)
 
     def _setup_model(self, model: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP

@@ -169,6 +169,15 @@ class QLoRAModule(L.LightningModule):
         loss, _, targets = label_loss(self.model, self.eval_inputs(batch))
         self.log("test_loss", loss, on_epoch=True, batch_size=targets.numel())
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's clipping, except under FSDP, where the norm is clipped over all shards by the strategy
+        (:meth:`lit_llama_lab.model.fsdp.QLoRAFSDPStrategy.clip_gradients_by_norm`)."""
+        strategy = self.trainer.strategy
+        if gradient_clip_val and is_fsdp(strategy) and gradient_clip_algorithm in (None, "norm"):
+            strategy.clip_gradients_by_norm(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
         params = [p for p in self.parameters() if p.requires_grad]
         return torch.optim.AdamW(

@@ -21,6 +21,7 @@ seed_everything: 42
 trainer:
   accelerator: cpu
   max_steps: {steps}
+  gradient_clip_val: 0.05  # below every step's norm: each step is clipped, by the global norm over all processes
   limit_val_batches: 0
   num_sanity_val_steps: 0
   logger: false
@@ -67,9 +68,9 @@ def free_port() -> int:
 
 
 def train(run_dir: Path, source: Path, devices: int, strategy: str = "ddp", steps: int = STEPS,
-          ckpt_path: Path | None = None, global_batch: bool = False) -> dict[str, torch.Tensor]:
+          ckpt_path: Path | None = None, global_batch: bool = False, extra: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """Train ``steps`` optimizer steps of ``BATCH`` examples on ``devices`` processes (``strategy`` when more than
-    one), from ``ckpt_path`` if given; returns the adapter weights of the ``last/`` folder. The batch is given per
+    one), from ``ckpt_path`` if given, with ``extra`` CLI arguments; returns the adapter weights of the ``last/`` folder. The batch is given per
     device (``--data.batch_size BATCH / devices``) or, with ``global_batch``, as ``--data.global_batch_size BATCH``."""
     run_dir.mkdir()
     config = run_dir / "config.yaml"
@@ -81,6 +82,7 @@ def train(run_dir: Path, source: Path, devices: int, strategy: str = "ddp", step
         args += ["--trainer.strategy", strategy]
     if ckpt_path is not None:
         args += ["--ckpt_path", str(ckpt_path)]
+    args += list(extra)
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), OMP_NUM_THREADS="1",
                PYTHONPATH=str(ROOT))
     work = run_dir / "cwd"  # Lightning saves its resolved config.yaml into the working directory here (no logger)
