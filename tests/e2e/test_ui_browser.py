@@ -60,15 +60,27 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def page(server):
+def browser():
+    """One headless Chromium for the module's pages (a second sync_playwright() inside the first is refused)."""
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1200, "height": 1000})
-        page.set_default_timeout(120_000)
-        page.goto(server)
-        page.wait_for_selector("#send")  # never "networkidle": Gradio keeps a connection open
-        yield page
+        yield browser
         browser.close()
+
+
+def open_page(browser, url: str, timeout_ms: int) -> Page:
+    page = browser.new_page(viewport={"width": 1200, "height": 1000})
+    page.set_default_timeout(timeout_ms)
+    page.goto(url)
+    page.wait_for_selector("#send")  # never "networkidle": Gradio keeps a connection open
+    return page
+
+
+@pytest.fixture(scope="module")
+def page(browser, server):
+    page = open_page(browser, server, 120_000)
+    yield page
+    page.close()
 
 
 def set_number(page: Page, elem_id: str, value: float) -> None:
@@ -130,7 +142,7 @@ TUNED = Path(os.environ.get("EMOJI_ADAPTER", "runs/emoji/checkpoints/last"))
 
 
 @pytest.fixture(scope="module")
-def tuned_page(tmp_path_factory):
+def tuned_page(browser, tmp_path_factory):
     """The app serving a copy of the trained emoji adapter on the real SmolLM2, in a headless page."""
     import shutil
 
@@ -143,14 +155,9 @@ def tuned_page(tmp_path_factory):
     demo = build_app(ChatApp(runs_dir=str(runs), base_model="smollm2-135m"))
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=free_port(), prevent_thread_lock=True,
                             ssr_mode=False, quiet=True)
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1200, "height": 1000})
-        page.set_default_timeout(300_000)
-        page.goto(url)
-        page.wait_for_selector("#send")
-        yield page
-        browser.close()
+    page = open_page(browser, url, 300_000)
+    yield page
+    page.close()
     demo.close()
 
 
