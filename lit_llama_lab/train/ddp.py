@@ -10,8 +10,10 @@ each rank keeps its graphed forward and backward. :class:`QLoRADDPStrategy` ther
 * at setup the trainable parameters are broadcast from rank 0 (what DDP's constructor does), so every rank starts
   from the same adapters;
 * after each optimizer step's closure (forward and backward of the step's last micro-batch, under accumulation
-  after all of them) the gradients of all trainable parameters are averaged over the ranks in one flat all-reduce
-  (:func:`all_reduce_gradients`), before clipping and the optimizer see them: the same gradients DDP gives.
+  after all of them) the gradients of all trainable parameters are combined over the ranks in one flat all-reduce
+  (:func:`all_reduce_gradients`), before clipping and the optimizer see them, each rank weighted by its share of the
+  step's labelled tokens: the gradient of one process holding every rank's batch (torch's DDP takes the plain mean
+  of the ranks' mean losses, which weighs a token of a short batch more than one of a long batch).
 
 Everything else is Lightning's DDP: launching, process groups, samplers, checkpointing by rank 0, metric reduction.
 The CLI's ``--trainer.strategy ddp`` picks this strategy; the plan then keeps CUDA graphs and compiled layers
@@ -32,9 +34,14 @@ def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
-def all_reduce_gradients(params: Iterable[torch.nn.Parameter], group=None) -> None:
-    """Average ``.grad`` of ``params`` over the ranks of ``group`` in one all-reduce of a flat buffer per dtype
-    (a parameter without a gradient contributes zeros, so every rank makes the same collective calls)."""
+def all_reduce_gradients(params: Iterable[torch.nn.Parameter], group=None, weight: float | None = None) -> None:
+    """Combine ``.grad`` of ``params`` over the ranks of ``group`` in one all-reduce of a flat buffer per dtype
+    (a parameter without a gradient contributes zeros, so every rank makes the same collective calls).
+
+    Without ``weight``: the mean over the ranks, as DDP. With ``weight`` (this rank's labelled tokens in the step):
+    each rank's gradient of its mean loss counts by its share of all ranks' tokens, ``sum_r w_r g_r / sum_r w_r``: the
+    gradient of the mean over every token of the step, what one process with the combined batch computes (one more
+    all-reduce, of the weights; no host sync)."""
     import torch.distributed as dist
 
     world = dist.get_world_size(group)
@@ -45,11 +52,21 @@ def all_reduce_gradients(params: Iterable[torch.nn.Parameter], group=None) -> No
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         by_dtype.setdefault(p.grad.dtype, []).append(p)
+    share = None
+    if weight is not None and by_dtype:
+        device = next(iter(by_dtype.values()))[0].grad.device
+        mine = torch.tensor(float(weight), dtype=torch.float64, device=device)
+        total = mine.clone()
+        dist.all_reduce(total, group=group)
+        share = mine / total.clamp(min=1.0)
     for group_params in by_dtype.values():
         grads = [p.grad for p in group_params]
         flat = torch.cat([g.reshape(-1) for g in grads])
+        if share is not None:
+            flat.mul_(share.to(flat.dtype))
         dist.all_reduce(flat, group=group)
-        flat.div_(world)
+        if share is None:
+            flat.div_(world)
         offset = 0
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
@@ -77,21 +94,29 @@ class QLoRADDPStrategy(DDPStrategy):
     """Lightning's DDP without the ``DistributedDataParallel`` wrapper: each rank runs the single-process step
     (CUDA graphs, compiled layers), and the trainable parameters' gradients are averaged once per optimizer step.
 
-    Takes :class:`~lightning.pytorch.strategies.DDPStrategy`'s arguments; DDP-wrapper options (``static_graph``,
+    Args:
+        token_weighted: weigh each rank's gradient by its share of the step's labelled tokens
+            (:func:`all_reduce_gradients`), so N processes compute the gradient of one process holding all N
+            batches, whatever their lengths; ``False``: the plain mean over the ranks, as torch's DDP. Exact for the
+            cross-entropy of one micro-batch a step; the KL term's own token count and gradient accumulation (a mean
+            of micro-batch means, as on one GPU) are weighted by the same labelled tokens.
+
+    Also takes :class:`~lightning.pytorch.strategies.DDPStrategy`'s arguments; DDP-wrapper options (``static_graph``,
     ``find_unused_parameters``, communication hooks) do not apply and are refused.
     """
 
     strategy_name = "qlora_ddp"
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, token_weighted: bool = True, **kwargs: Any) -> None:
         wrapper_only = {"ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period",
                         "static_graph", "find_unused_parameters", "gradient_as_bucket_view"}
-        refused = sorted(set(kwargs) & wrapper_only)
+        refused = sorted(k for k in set(kwargs) & wrapper_only if kwargs[k] not in (None, False))  # set, not defaulted
         if refused:
             raise ValueError(f"QLoRADDPStrategy does not wrap the model in DistributedDataParallel, so {refused} "
                              "do not apply: drop them, or pass Lightning's DDPStrategy object to train eagerly with "
                              "the wrapper.")
         super().__init__(*args, **kwargs)
+        self.token_weighted = token_weighted
 
     def configure_ddp(self) -> None:
         """No wrapper: start every rank from rank 0's trainable parameters."""
@@ -103,7 +128,11 @@ class QLoRADDPStrategy(DDPStrategy):
 
         def closure_then_average() -> Any:
             loss = closure()
-            all_reduce_gradients(trainable(self.lightning_module))
+            module = self.lightning_module
+            tokens = getattr(module, "labelled_since_step", None)  # QLoRAModule counts them on the CPU
+            if tokens is not None:
+                module.labelled_since_step = 0
+            all_reduce_gradients(trainable(module), weight=tokens if self.token_weighted else None)
             return loss
 
         return super().optimizer_step(optimizer, closure_then_average, model, **kwargs)

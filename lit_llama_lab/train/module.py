@@ -69,6 +69,7 @@ class QLoRAModule(L.LightningModule):
         self.plan: Plan | None = None  # every "auto" decided, by configure_model
         self.step: TrainStep | None = None
         self.strict_loading = False  # checkpoints hold adapter weights only
+        self.labelled_since_step = 0  # labelled tokens trained on since the last optimizer step (a host int)
         self.val_ppl = Perplexity(ignore_index=IGNORE_INDEX)
         self.val_loss = MeanMetric()
 
@@ -151,6 +152,7 @@ class QLoRAModule(L.LightningModule):
         loss = self.training_loss(batch)
         # ChatDataModule counts on the CPU; counting a GPU batch here would wait for the GPU
         labelled = batch.get("num_labelled") or labelled_next_tokens(batch["labels"])
+        self.labelled_since_step += int(labelled)  # QLoRADDPStrategy weighs each rank's gradient by these
         self.log("train_loss", loss, batch_size=labelled)
         if self.global_step % 10 == 0:  # the progress bar reads its values every step: a GPU value would wait
             self.log("loss", loss.detach().cpu(), prog_bar=True, logger=False, batch_size=labelled)

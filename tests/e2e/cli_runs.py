@@ -51,11 +51,15 @@ def max_difference(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def chats(path: Path, rows: int) -> Path:
-    """Chats whose answers all have the same number of tokens, with different prompts and answers."""
+def chats(path: Path, rows: int, equal: bool = True) -> Path:
+    """Chats with different prompts and answers; with ``equal`` every answer has the same number of tokens, else
+    answers run from 1 to 12 extra words."""
+    def answer(i: int) -> str:
+        return f"Item {(i * 7) % 1000:03d}." + ("" if equal else " and" + " more" * ((i * 5) % 12))
+
     path.write_text("\n".join(
         json.dumps({"messages": [{"role": "user", "content": f"Which item comes {'next ' * (i % 5)}after {i}?"},
-                                 {"role": "assistant", "content": f"Item {(i * 7) % 1000:03d}."}]})
+                                 {"role": "assistant", "content": answer(i)}]})
         for i in range(rows)))
     return path
 

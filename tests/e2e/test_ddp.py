@@ -76,6 +76,22 @@ def test_a_global_batch_on_two_processes_trains_what_one_process_trains(tmp_path
 
 
 @pytest.mark.slow
+def test_two_processes_with_unequal_token_counts_train_what_one_process_trains(tmp_path: Path) -> None:
+    """Answers of different lengths, so the two ranks' batches hold different numbers of labelled tokens: each
+    rank's gradient counts by its share of the step's tokens (QLoRADDPStrategy's default), and 2 processes end with
+    the adapter of 1 process holding both batches; the plain mean over ranks (torch DDP's, ``token_weighted false``)
+    does not."""
+    source = chats(tmp_path / "uneven.jsonl", STEPS * BATCH, equal=False)
+    one = train(tmp_path / "one", source, 1, global_batch=True)
+    two = train(tmp_path / "two", source, 2, global_batch=True)
+    plain = train(tmp_path / "plain", source, 2, global_batch=True, strategy="lit_llama_lab.train.ddp.QLoRADDPStrategy",
+                  extra=("--trainer.strategy.token_weighted", "false"))
+    weighted, unweighted = max_difference(one, two), max_difference(one, plain)
+    print(f"max |one process - 2 processes|: token-weighted {weighted:.3g}, plain mean {unweighted:.3g}")
+    assert weighted < 1e-5 < unweighted
+
+
+@pytest.mark.slow
 def test_a_two_process_run_stopped_mid_epoch_resumes_on_one_process_as_if_never_stopped(tmp_path: Path) -> None:
     """Issue 18's resume across device counts, through the CLI: 2 processes (global batch 8) stop after 4 of the
     epoch's 8 steps; 1 process resumes from that checkpoint to step 8 and ends with the adapter of 1 process that
