@@ -4,7 +4,9 @@
 #               (--trainer.strategy ddp, the same global batch), each the whole command timed; both adapters evaluated
 #               (strict emoji scoring + general suite), in parallel, one per GPU.
 #   PART=scale  the 1B bench on 1 and 2 GPUs (training's default path); a 2-GPU run killed (SIGKILL) mid-epoch and
-#               resumed on 1 GPU, its examples step by step against a 1-GPU run straight through.
+#               resumed on 1 GPU, its examples step by step against a 1-GPU run straight through (SKIP_BENCH=1: only that).
+#   PART=x2a    the emoji config on 1 GPU (phase timer) and on 2 (Lightning's launcher, torchrun), the last evaluated.
+#   PART=fsdp3b a Llama-3.2-3B-shaped model on 2 GPUs, DDP against FSDP (peak memory), the FSDP checkpoint resumed on 1.
 set -u
 OUT=${OUT:?set OUT}; mkdir -p "$OUT"; PY=python3; W=/tmp/multi; mkdir -p $W; START=$(date +%s)
 log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.txt"; }
@@ -68,20 +70,23 @@ Y
   CUDA_VISIBLE_DEVICES=0 timeout 150 bash -c "$(declare -f fit); PY=$PY; fit --config $W/kill-straight.yaml --trainer.logger.init_args.name straight --data.global_batch_size 32" > $W/kill-straight.log 2>&1; log "straight on 1 GPU rc=$?"
   "$PY" scripts/example_log.py compare $W/straight.jsonl $W/first.jsonl $W/resumed.jsonl 2>&1 | tee -a "$OUT/summary.txt" ;;
 x2a)
+  # the emoji config on 1 GPU (the phase timer of scripts/emoji_experiment.py), on 2 GPUs through Lightning's launcher
+  # (rank 1 starts when rank 0 reaches fit) and through torchrun (both ranks start together); the last one evaluated
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/summary.txt" 2>&1
   CUDA_VISIBLE_DEVICES=0 timeout 150 "$PY" -c "
 from lit_llama_lab.data.datamodule import ChatDataModule
 from lit_llama_lab.data.replay import ReplayArgs
 d = ChatDataModule(source='emoji', tokenizer='smollm2-135m', batch_size=32, max_seq_length=512, test_fraction=0.2, val_fraction=0.02, replay=ReplayArgs(ratio=0.2, model='smollm2-135m'))
-d.prepare_data()" > $W/replay.log 2>&1 &
-  CUDA_VISIBLE_DEVICES=1 timeout 150 "$PY" -c "from lit_llama_lab.tools.bench_paths import shape_model; print(shape_model('llama-3.2-3b'))" > $W/shape.log 2>&1 &
-  wait; log "replay cache + 3B model written"
-  t=$(date +%s); CUDA_VISIBLE_DEVICES=0 timeout 200 bash -c "$(declare -f fit); PY=$PY; fit --trainer.logger.init_args.name one" > $W/fit-one.log 2>&1
-  log "1 GPU fit rc=$? wall $(( $(date +%s) - t )) s"; grep -E "KL targets|it/s" $W/fit-one.log | tail -n 2 >> "$OUT/summary.txt"
-  t=$(date +%s); timeout 240 bash -c "$(declare -f fit); PY=$PY; fit --trainer.logger.init_args.name two --trainer.devices 2 --trainer.strategy ddp --data.global_batch_size 32" > $W/fit-two.log 2>&1
-  log "2 GPU fit rc=$? wall $(( $(date +%s) - t )) s"; grep -E "Training plan|KL targets|it/s" $W/fit-two.log | tail -n 3 >> "$OUT/summary.txt"
-  (CUDA_VISIBLE_DEVICES=1 ev 230 --model runs/two/checkpoints/last --suite '[emoji,general]' --split '[train,test]' --wordings '[train,heldout]' --limit 800 > $W/ev-two.log 2>&1; echo "ev two rc=$?" >> $W/ev-two.log) &
-  PART=fsdp3b OUT=$OUT bash "$0"; wait
+d.prepare_data()" > $W/replay.log 2>&1; log "replay cache rc=$?"
+  t=$(date +%s); CUDA_VISIBLE_DEVICES=0 EVAL_LIMIT=0 timeout 200 "$PY" scripts/emoji_experiment.py "$OUT/fit-one.json" fit --config configs/emoji.yaml --trainer.logger.init_args.name one > $W/fit-one.log 2>&1
+  log "1 GPU fit (emoji_experiment.py) rc=$? wall $(( $(date +%s) - t )) s"
+  grep -E '"(train_seconds|data_setup_seconds|steps|validation|first_batches|train_batches|sanity_check|model_load|sample_tables|checkpoint_writes|before_first_batch|after_train_end)"' "$OUT/fit-one.json" | tr -d '\n' >> "$OUT/summary.txt"; echo >> "$OUT/summary.txt"
+  two="--trainer.devices 2 --trainer.strategy ddp --data.global_batch_size 32"
+  t=$(date +%s); timeout 200 bash -c "$(declare -f fit); PY=$PY; fit --trainer.logger.init_args.name two $two" > $W/fit-two.log 2>&1
+  log "2 GPU fit (Lightning's launcher) rc=$? wall $(( $(date +%s) - t )) s"
+  t=$(date +%s); timeout 200 torchrun --standalone --nproc-per-node 2 -m lit_llama_lab.cli fit --config configs/emoji.yaml --trainer.logger.init_args.name tr $two > $W/fit-tr.log 2>&1
+  log "2 GPU fit (torchrun) rc=$? wall $(( $(date +%s) - t )) s"; grep -E "it/s" $W/fit-tr.log | tail -n 1 >> "$OUT/summary.txt"
+  ev 200 --model runs/tr/checkpoints/last --suite '[emoji,general]' --split '[train,test]' --wordings '[train,heldout]' --limit 800 > $W/ev-tr.log 2>&1; log "eval rc=$?"
   "$PY" - >> "$OUT/summary.txt" <<'PY'
 import json, pathlib
 for p in sorted(pathlib.Path("runs/eval").glob("*/metrics.json")):
