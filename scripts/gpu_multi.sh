@@ -12,6 +12,17 @@ OUT=${OUT:?set OUT}; mkdir -p "$OUT"; PY=python3; W=/tmp/multi; mkdir -p $W; STA
 log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.txt"; }
 fit() { "$PY" -m lit_llama_lab.cli fit --config configs/emoji.yaml "$@"; }
 ev() { local t=$1; shift; timeout "$t" "$PY" -m lit_llama_lab.cli evaluate --batch_size 400 "$@"; }
+evals() {  # one line per evaluation report under runs/eval
+  "$PY" - <<'PY'
+import json, pathlib
+for p in sorted(pathlib.Path("runs/eval").glob("*/metrics.json")):
+    r = json.loads(p.read_text()); m = r["metrics"]
+    if r.get("suite") == "general":
+        print(f"{r['model']} general: {m['accuracy']:.1%} leakage {m['leakage']:.1%} eos {m['eos_rate']:.1%}")
+    else:
+        print(f"{r['model']} {r['split']}/{r['wordings']}: strict {m['name_accuracy']:.1%} lenient {m['name_accuracy_lenient']:.1%} eos {m['eos_rate']:.1%}")
+PY
+}
 case ${PART:?set PART} in
 emoji)
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/summary.txt" 2>&1
@@ -33,15 +44,7 @@ d.prepare_data()" > $W/replay.log 2>&1; log "replay cache rc=$?"
   (CUDA_VISIBLE_DEVICES=0 ev 200 --model runs/one/checkpoints/last --suite '[emoji,general]' --split '[train,test]' --wordings '[train,heldout]' --limit 800 > $W/ev-one.log 2>&1; echo "ev one rc=$?" >> $W/ev-one.log) &
   [ "$NG" -gt 1 ] && (CUDA_VISIBLE_DEVICES=1 ev 230 --model runs/two/checkpoints/last --suite '[emoji,general]' --split '[train,test]' --wordings '[train,heldout]' --limit 800 > $W/ev-two.log 2>&1; echo "ev two rc=$?" >> $W/ev-two.log) &
   wait; tail -n 1 $W/ev-one.log $W/ev-two.log >> "$OUT/summary.txt" 2>&1
-  "$PY" - >> "$OUT/summary.txt" <<'PY'
-import json, pathlib
-for p in sorted(pathlib.Path("runs/eval").glob("*/metrics.json")):
-    r = json.loads(p.read_text()); m = r["metrics"]
-    if r.get("suite") == "general":
-        print(f"{r['model']} general: {m['accuracy']:.1%} leakage {m['leakage']:.1%} eos {m['eos_rate']:.1%}")
-    else:
-        print(f"{r['model']} {r['split']}/{r['wordings']}: strict {m['name_accuracy']:.1%} lenient {m['name_accuracy_lenient']:.1%} eos {m['eos_rate']:.1%}")
-PY
+  evals >> "$OUT/summary.txt"
   tar cf - -C runs/one/checkpoints last | split -b 15000000 -d - "$OUT/adapter-one.tar.part" ;;
 scale)
   [ -n "${SKIP_BENCH:-}" ] || (timeout 420 "$PY" -m lit_llama_lab.cli bench --shape llama-3.2-1b --paths ours+varlen+compile+graphs --devices 2 \
@@ -87,15 +90,7 @@ d.prepare_data()" > $W/replay.log 2>&1; log "replay cache rc=$?"
   t=$(date +%s); timeout 200 torchrun --standalone --nproc-per-node 2 -m lit_llama_lab.cli fit --config configs/emoji.yaml --trainer.logger.init_args.name tr $two > $W/fit-tr.log 2>&1
   log "2 GPU fit (torchrun) rc=$? wall $(( $(date +%s) - t )) s"; grep -E "it/s" $W/fit-tr.log | tail -n 1 >> "$OUT/summary.txt"
   ev 200 --model runs/tr/checkpoints/last --suite '[emoji,general]' --split '[train,test]' --wordings '[train,heldout]' --limit 800 > $W/ev-tr.log 2>&1; log "eval rc=$?"
-  "$PY" - >> "$OUT/summary.txt" <<'PY'
-import json, pathlib
-for p in sorted(pathlib.Path("runs/eval").glob("*/metrics.json")):
-    r = json.loads(p.read_text()); m = r["metrics"]
-    if r.get("suite") == "general":
-        print(f"{r['model']} general: {m['accuracy']:.1%} leakage {m['leakage']:.1%} eos {m['eos_rate']:.1%}")
-    else:
-        print(f"{r['model']} {r['split']}/{r['wordings']}: strict {m['name_accuracy']:.1%} lenient {m['name_accuracy_lenient']:.1%} eos {m['eos_rate']:.1%}")
-PY
+  evals >> "$OUT/summary.txt"
   ;;
 fsdp3b)
   # a Llama-3.2-3B-shaped model (random weights), QLoRA on 2 GPUs: DDP against FSDP at the same per-GPU batch, then the
