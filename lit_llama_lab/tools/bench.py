@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -174,6 +175,8 @@ def bench(
     seed: int = 0,
     isolate: bool | None = None,
     devices: int = 1,
+    workload: Literal["synthetic", "finetome"] = "synthetic",
+    conversations: int = 100_000,
     output: str | None = None,
 ) -> dict:
     """Benchmark QLoRA training steps: the plain transformers+peft+bitsandbytes stack against training's step.
@@ -206,6 +209,11 @@ def bench(
         isolate: run each path in its own Python process (this command spawns them), so no path inherits another's
             compiled code, CUDA graph pools or allocator state: measured in one process, the fourth path's peak read
             0.23 GiB above its own process's. Default: on a GPU when more than one path runs.
+        workload: ``synthetic`` (the speed batch above, repeated) or ``finetome``: ``warmup`` + ``steps`` batches of the
+            FineTome-like corpus of :mod:`lit_llama_lab.tools.bench_workload` (16 conversations a step in rows of
+            <= 2048 tokens, as ``configs/finetome-tuned.yaml``), every path in this process, and the projected time
+            of ``conversations`` conversations beside the seed's FineTome-100k epoch.
+        conversations: how many conversations the ``finetome`` workload projects.
         devices: GPUs (processes) per path. Above 1, each path runs on 1 and then on ``devices`` GPUs, each rank its
             own batch of the same shape, the adapters' gradients averaged after every backward as
             :class:`lit_llama_lab.train.ddp.QLoRADDPStrategy` does (:mod:`lit_llama_lab.tools.bench_devices`):
@@ -224,6 +232,8 @@ def bench(
     if paths == "auto":
         paths = GPU_PATHS if dev.type == "cuda" else "baseline,ours"
     plans = {p.strip(): path_options(p, defaults) for p in paths.split(",") if p.strip()}
+    if workload == "finetome":
+        return _bench_finetome(plans, setup, dev, steps, warmup, conversations, seed, devices, output)
     if devices > 1:
         from lit_llama_lab.tools.bench_devices import bench_on_devices
 
@@ -242,6 +252,21 @@ def bench(
         results["paths"][path] = measure_path(builder, options, setup, batch, steps, warmup, real)
         print(f"{path}: {results['paths'][path]}", flush=True)
     print(format_table(results), flush=True)
+    if output:
+        write_json(output, results)
+    return results
+
+
+def _bench_finetome(plans: dict, setup: dict, dev: torch.device, steps: int, warmup: int, conversations: int, seed: int,
+                    devices: int, output: str | None) -> dict:
+    from lit_llama_lab.tools.bench_workload import bench_finetome, format_workload_table
+
+    if devices > 1:
+        raise ValueError("--workload finetome runs on one device: leave out --devices.")
+    results = {"settings": {k: str(v) for k, v in {**setup, "steps": steps, "warmup": warmup}.items()},
+               "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "versions": _versions(),
+               "workload": bench_finetome(plans, setup, steps, warmup, conversations, seed)}
+    print(format_workload_table(results["workload"]), flush=True)
     if output:
         write_json(output, results)
     return results

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from lit_llama_lab.tools.bench import bench, path_options, step_flops
 
@@ -109,3 +110,23 @@ def test_bench_on_two_devices_runs_each_rank_on_its_own_batch_with_averaged_grad
     assert multi["scaling"] == pytest.approx(multi["tokens_per_s"] / (2 * single["tokens_per_s"]))
     assert "2 ranks, adapter gradients averaged" in multi["runs"]
     assert "| ours | 2 |" in capsys.readouterr().out
+
+
+def test_finetome_workload_draws_real_conversations_and_projects_the_epoch(capsys):
+    """``--workload finetome``: batches of 16 conversations of the bundled FineTome sample, tokenized and packed as
+    training does (every token counted is a real token of a drawn conversation); the projection is the corpus size
+    over the measured conversations per second."""
+    from lit_llama_lab.tools.bench_workload import finetome_batches
+
+    batches, tokens, lengths = finetome_batches("tiny-random", 3, torch.device("cpu"), seed=1)
+    assert len(lengths) == 40 and len(batches) == 3
+    for batch, count in zip(batches, tokens, strict=True):
+        assert int((batch["document_ids"] >= 0).sum()) == count and batch["max_documents"] == 16
+        assert (batch["labels"] != -100).sum() < count  # only assistant turns are labelled
+    results = bench(shape="tiny", device="cpu", paths="ours", steps=2, warmup=1, workload="finetome",
+                    conversations=1000)
+    ours = results["workload"]["paths"]["ours"]
+    assert "error" not in ours, ours
+    assert ours["projected_hours"] == pytest.approx(1000 / ours["conversations_per_s"] / 3600)
+    assert results["workload"]["corpus"]["tokens_per_conversation"]["mean"] == pytest.approx(sum(lengths) / 40)
+    assert "projected hours for 1,000 conversations" in capsys.readouterr().out
