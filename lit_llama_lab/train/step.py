@@ -50,8 +50,8 @@ class TrainStep:
         distill = self.distill_weight > 0 and "distill_mask" in batch
         cached = distill and self.teacher is not None and "replay_ids" in batch
         teacher = self.teacher.table if cached else None
-        loss_fn = partial(distilled_label_loss, weight=self.distill_weight, teacher=teacher) if distill \
-            else fast_label_loss
+        loss_fn = partial(distilled_label_loss, weight=self.distill_weight, teacher=teacher,
+                          fixed_shapes=self.plan.cuda_graphs) if distill else fast_label_loss
         if self.plan.cuda_graphs:
             if self.graphed is None:
                 self.graphed = GraphedLoss(self.model, loss_fn)

@@ -60,6 +60,14 @@ def test_distilled_loss_is_cross_entropy_plus_weighted_kl_to_the_base():
     distilled = distilled_label_loss(module.model, batch, weight=2.0)
     kl = (distilled - plain) / 2
     assert kl > 1e-4
+    # without CUDA graphs the labelled and replay positions are picked first: the same loss and gradients
+    picked = distilled_label_loss(module.model, batch, weight=2.0, fixed_shapes=False)
+    torch.testing.assert_close(picked, distilled)
+    fixed_grads = torch.autograd.grad(distilled, [p for p in module.model.parameters() if p.requires_grad],
+                                      retain_graph=True)
+    picked_grads = torch.autograd.grad(picked, [p for p in module.model.parameters() if p.requires_grad])
+    for a, b in zip(picked_grads, fixed_grads, strict=True):
+        torch.testing.assert_close(a, b)
     none = {**batch, "distill_mask": torch.zeros_like(batch["distill_mask"])}
     torch.testing.assert_close(distilled_label_loss(module.model, none, weight=2.0), plain)
     distilled.backward()
