@@ -123,7 +123,7 @@ def test_finetome_workload_draws_real_conversations_and_projects_the_epoch(capsy
     for batch, count in zip(batches, tokens, strict=True):
         assert int((batch["document_ids"] >= 0).sum()) == count and batch["max_documents"] == 16
         assert (batch["labels"] != -100).sum() < count  # only assistant turns are labelled
-    results = bench(shape="tiny", device="cpu", paths="ours", steps=2, warmup=1, workload="finetome",
+    results = bench(shape="tiny", device="cpu", paths="ours", steps=1, warmup=1, workload="finetome",
                     conversations=1000)
     ours = results["workload"]["paths"]["ours"]
     assert "error" not in ours, ours
