@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Wheels for the two peer training stacks benchmarked beside ours on the offline GPU host (Python 3.12, torch
 # 2.11.0+cu130, triton 3.6.0, transformers 5.17, peft, lightning, tensorboard preinstalled). Findings, the host-side
-# install and the bench calls: /work/notes/peers.md. Each folder stays <= 60 MiB (one device call carries 64 MiB).
+# install and the bench calls: docs/peers.md. Each folder stays <= 60 MiB (one device call carries 64 MiB).
 #   .whl3  Unsloth 2026.10.9 + unsloth_zoo and everything they need beyond the host (trl 1.15.0, datasets 4.8.5 <5,
 #          torchao 0.18.0, torchvision 0.26.0+cu130, ...). Install it together with .whl's slim bitsandbytes, in a
 #          site of its own: NOT beside .whl2 (transformers 5.24; Unsloth pins <=5.17) nor .whl's datasets 5.2.0
