@@ -107,6 +107,8 @@ class TeacherCache:
         """Run ``model`` with its adapters disabled over ``examples`` (token id lists, in ``replay_id`` order), a
         padded batch of about ``tokens_per_batch`` tokens at a time, through ``attention`` (the validation
         attention: one example per row, its own mask)."""
+        from lightning.fabric.utilities.apply_func import move_data_to_device
+
         from lit_llama_lab.data.packing import collate_packed
         from lit_llama_lab.speed.attention import attention_inputs
         from lit_llama_lab.speed.loss import final_hidden
@@ -126,8 +128,7 @@ class TeacherCache:
                     width = max(width, lengths[stop])
                     stop += 1
                 rows = [[{"input_ids": examples[i], "labels": examples[i]}] for i in range(start, stop)]
-                batch = collate_packed(rows, pad_id)
-                batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                batch = move_data_to_device(collate_packed(rows, pad_id), device)
                 with model.disable_adapter():
                     _, hidden = final_hidden(model, attention_inputs(batch, attention, dtype))
                 if table is None:

@@ -6,10 +6,8 @@ path is training's own plan, builder and step, and each result row says what it 
 
 from __future__ import annotations
 
-import gc
 import json
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -18,6 +16,14 @@ from typing import Literal
 import torch
 
 from lit_llama_lab.io import write_json
+from lit_llama_lab.tools.bench_measure import (  # noqa: F401  (re-exported for scripts)
+    PEAK_BF16_TFLOPS,
+    bench_setup,
+    free_device,
+    measure_speed,
+    sync_device,
+    train_steps,
+)
 from lit_llama_lab.tools.bench_paths import (  # noqa: F401  (re-exported for scripts)
     BENCH_SPEED,
     Shape,
@@ -31,91 +37,8 @@ from lit_llama_lab.tools.bench_paths import (  # noqa: F401  (re-exported for sc
     synthetic_batch,
 )
 from lit_llama_lab.train.args import PrecisionArgs, SpeedArgs
-from lit_llama_lab.train.ddp import all_reduce_gradients
 
 GPU_PATHS = "baseline,baseline+amp,ours+graphs+compile,ours+varlen+compile+graphs"
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 spec sheets
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def train_steps(model, loss_fn: Callable, batches: list[dict], device: torch.device, amp: bool = False) -> list[float]:
-    """One AdamW step (lr 2e-4, fused on GPU) per batch, under bf16 autocast on GPU when ``amp`` (the baseline+amp
-    path only: training, and so every ``ours`` path, runs no autocast). In a process group (``bench --devices N``)
-    the adapters' gradients are averaged over the ranks after each backward, as
-    :class:`lit_llama_lab.train.ddp.QLoRADDPStrategy` does. Returns the losses."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = getattr(model, "_bench_optimizer", None) or torch.optim.AdamW(params, lr=2e-4,
-                                                                              fused=device.type == "cuda")
-    model._bench_optimizer = optimizer
-    model.train()
-    losses = []
-    distributed = _distributed()
-    for batch in batches:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
-            loss = loss_fn(batch)
-        loss.backward()
-        if distributed:  # what QLoRADDPStrategy does after each step's backward
-            all_reduce_gradients(params)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
-    return [float(x) for x in losses]
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def measure_speed(builder: Callable, options: dict, setup: dict, batch: dict, steps: int, warmup: int) -> dict:
-    """Warm-up steps, then ``steps`` timed steps on one batch: tokens/s, seconds/step, peak GPU memory, MFU."""
-    device = setup["device"]
-    _free(device)
-    amp, options = split_amp(options)
-    model, loss_fn, prepare = builder(setup["name"], setup["rank"], setup["checkpointing"], device, setup["seed"],
-                                      **options)
-    prepared = prepare(batch)
-    train_steps(model, loss_fn, [prepared] * warmup, device, amp)
-    _sync(device)
-    warm_peak = None
-    if device.type == "cuda":  # warm-up holds compilation and graph capture: the timed steps' own peak is kept apart
-        warm_peak = torch.cuda.max_memory_allocated() / 2**30
-        torch.cuda.reset_peak_memory_stats()
-    if _distributed():
-        torch.distributed.barrier()  # every rank starts the timed steps together
-    start = time.perf_counter()
-    losses = train_steps(model, loss_fn, [prepared] * steps, device, amp)
-    _sync(device)
-    seconds = (time.perf_counter() - start) / steps
-    tokens = batch["input_ids"].numel()
-    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    flops = step_flops(model.get_base_model().config, tokens, setup["doc_len"], lora)
-    result = {"runs": runs(loss_fn, amp), "tokens_per_s": tokens / seconds, "step_s": seconds, "last_step_loss": losses[-1],
-              # peak_gib: the whole run's peak. steady_peak_gib: the timed steps' alone; for graphed paths it
-              # misses the graph's private pool (replays allocate nothing), so it is only meaningful without graphs
-              "peak_gib": max(warm_peak, torch.cuda.max_memory_allocated() / 2**30) if warm_peak is not None else None,
-              "steady_peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-              "tflops_per_s": flops / seconds / 1e12, "flops_per_step": flops, "trainable_params": lora}
-    if setup["peak_tflops"]:
-        result["mfu"] = result["tflops_per_s"] / setup["peak_tflops"]
-    if getattr(loss_fn, "plan", None) is not None:
-        result["plan"] = loss_fn.plan.as_dict()
-    if _distributed():  # equal on every rank when the gradients were averaged
-        result["adapter_checksum"] = float(sum(p.detach().double().sum() for p in model.parameters() if p.requires_grad))
-    del model, loss_fn
-    _free(device)
-    return result
-
-
 def measure_loss(builder: Callable, options: dict, setup: dict, batches: list[dict], held_out: dict) -> dict:
     """Train a fresh model on real batches, then the loss on a held-out batch (the path's own loss; for ``ours``
     validation's)."""
@@ -129,7 +52,7 @@ def measure_loss(builder: Callable, options: dict, setup: dict, batches: list[di
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
         held = float(held_fn(prepare(held_out)))
     del model, loss_fn
-    _free(device)
+    free_device(device)
     return {"held_out_loss": held, "train_loss_first": losses[0], "train_loss_last": losses[-1]}
 
 
@@ -235,9 +158,11 @@ def bench(
     if workload == "finetome":
         return _bench_finetome(plans, setup, dev, steps, warmup, conversations, seed, devices, output)
     if devices > 1:
-        from lit_llama_lab.tools.bench_devices import bench_on_devices
+        from lit_llama_lab.tools.bench_devices import bench_on_devices, check_devices
 
-        return bench_on_devices(arguments, list(plans), devices, output)
+        check_devices(dev, devices)
+        single = bench(**{**arguments, "devices": 1, "output": None})
+        return bench_on_devices(arguments, list(plans), devices, single, output)
     if isolate is None:
         isolate = dev.type == "cuda" and len(plans) > 1
     if isolate:
@@ -272,25 +197,6 @@ def _bench_finetome(plans: dict, setup: dict, dev: torch.device, steps: int, war
     return results
 
 
-def bench_setup(arguments: dict) -> tuple[torch.device, str, dict, dict]:
-    """``(device, shape, setup, defaults)`` of :func:`bench`'s ``arguments`` (its parameters, speed and precision as
-    dicts): the device, the model shape, what every path builds with, and the settings the modifiers start from."""
-    a = arguments
-    device = a["device"]
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device)
-    shape = a["shape"] if a["shape"] != "auto" else ("llama-3.2-1b" if dev.type == "cuda" else "tiny")
-    peak_tflops = a["peak_tflops"]
-    if dev.type == "cuda" and not peak_tflops:
-        name = torch.cuda.get_device_name(dev)
-        peak_tflops = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), 0.0)
-    loss_model = a["loss_model"]
-    setup = {"name": shape_model(shape), "rank": a["rank"], "checkpointing": a["speed"]["gradient_checkpointing"],
-             "device": dev, "seed": a["seed"], "doc_len": a["doc_len"], "peak_tflops": peak_tflops,
-             "loss_model": ("tiny-random" if shape == "tiny" else "smollm2-135m") if loss_model == "auto" else loss_model}
-    defaults = {k: v for k, v in {**a["speed"], **a["precision"]}.items() if k != "gradient_checkpointing"}
-    return dev, shape, setup, defaults
-
-
 def measure_path(builder: Callable, options: dict, setup: dict, batch: dict, steps: int, warmup: int,
                  real: tuple | None) -> dict:
     """One path's speed (and, with ``real`` batches, its loss check); a failure becomes the path's ``error``, so one
@@ -301,7 +207,7 @@ def measure_path(builder: Callable, options: dict, setup: dict, batch: dict, ste
             entry.update(measure_loss(builder, options, setup, *real))
     except Exception as error:
         entry = {"options": options, "error": f"{type(error).__name__}: {error}"}
-        _free(setup["device"])
+        free_device(setup["device"])
     return entry
 
 

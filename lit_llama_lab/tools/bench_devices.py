@@ -23,14 +23,15 @@ import torch
 from lit_llama_lab.io import write_json
 
 
-def bench_on_devices(arguments: dict, paths: list[str], devices: int, output: str | None) -> dict:
-    """Run :func:`lit_llama_lab.tools.bench.bench` on one device (its usual table), then each of ``paths`` on
-    ``devices`` processes; returns the one-device results with a ``devices`` entry per path, prints both tables."""
-    from lit_llama_lab.tools.bench import bench
-
-    if arguments["device"] != "cpu" and torch.cuda.is_available() and torch.cuda.device_count() < devices:
+def check_devices(device: torch.device, devices: int) -> None:
+    """Refuse ``--devices`` beyond this host's GPUs, before anything runs."""
+    if device.type == "cuda" and torch.cuda.device_count() < devices:
         raise ValueError(f"--devices {devices}: this host has {torch.cuda.device_count()} GPU(s).")
-    single = bench(**{**arguments, "devices": 1, "output": None})
+
+
+def bench_on_devices(arguments: dict, paths: list[str], devices: int, single: dict, output: str | None) -> dict:
+    """Each of ``paths`` on ``devices`` processes beside ``single``, the same invocation's one-device results;
+    returns them with a ``devices`` entry per path and prints the table."""
     results = {**single, "devices": {}}
     for path in paths:
         results["devices"][path] = _run_ranks(arguments, path, devices, single["paths"].get(path, {}))
@@ -95,7 +96,7 @@ def rank_worker(arguments: dict, path: str, output: str) -> None:
     on this rank's batch; rank 0 writes every rank's figures to ``output``."""
     import torch.distributed as dist
 
-    from lit_llama_lab.tools.bench import bench_setup, measure_speed
+    from lit_llama_lab.tools.bench_measure import bench_setup, measure_speed
     from lit_llama_lab.tools.bench_paths import model_vocab, path_options, synthetic_batch
 
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])

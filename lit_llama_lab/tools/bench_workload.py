@@ -47,19 +47,20 @@ def measure_workload(builder, options: dict, setup: dict, batches: list[dict], t
                      conversations: int, per_batch: int) -> dict:
     """``warmup`` untimed batches, then the rest timed: conversations and real (unpadded) tokens per second, and the
     hours ``conversations`` would take at that rate."""
-    from lit_llama_lab.tools.bench import _free, _sync, runs, split_amp, train_steps
+    from lit_llama_lab.tools.bench_measure import free_device, sync_device, train_steps
+    from lit_llama_lab.tools.bench_paths import runs, split_amp
 
     device = setup["device"]
-    _free(device)
+    free_device(device)
     amp, options = split_amp(options)
     model, loss_fn, prepare = builder(setup["name"], setup["rank"], setup["checkpointing"], device, setup["seed"],
                                       **options)
     prepared = [prepare(b) for b in batches]
     train_steps(model, loss_fn, prepared[:warmup], device, amp)
-    _sync(device)
+    sync_device(device)
     start = time.perf_counter()
     losses = train_steps(model, loss_fn, prepared[warmup:], device, amp)
-    _sync(device)
+    sync_device(device)
     seconds = time.perf_counter() - start
     timed = len(prepared) - warmup
     per_s = timed * per_batch / seconds
@@ -68,7 +69,7 @@ def measure_workload(builder, options: dict, setup: dict, batches: list[dict], t
               "projected_hours": conversations / per_s / 3600,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
     del model, loss_fn
-    _free(device)
+    free_device(device)
     return result
 
 

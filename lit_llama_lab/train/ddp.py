@@ -34,6 +34,21 @@ def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
+def _in_flat_buffers(tensors: list[torch.Tensor], collective: Callable[[torch.Tensor], Any]) -> None:
+    """Run ``collective`` on one flat buffer per dtype holding ``tensors`` back to back, then copy the buffer back
+    into them: one collective call per dtype instead of one per tensor."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        collective(flat)
+        offset = 0
+        for t in group:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
 def all_reduce_gradients(params: Iterable[torch.nn.Parameter], group=None, weight: float | None = None) -> None:
     """Combine ``.grad`` of ``params`` over the ranks of ``group`` in one all-reduce of a flat buffer per dtype
     (a parameter without a gradient contributes zeros, so every rank makes the same collective calls).
@@ -47,47 +62,34 @@ def all_reduce_gradients(params: Iterable[torch.nn.Parameter], group=None, weigh
     world = dist.get_world_size(group)
     if world == 1:
         return
-    by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
+    grads = []
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        by_dtype.setdefault(p.grad.dtype, []).append(p)
+        grads.append(p.grad)
     share = None
-    if weight is not None and by_dtype:
-        device = next(iter(by_dtype.values()))[0].grad.device
-        mine = torch.tensor(float(weight), dtype=torch.float64, device=device)
+    if weight is not None and grads:
+        mine = torch.tensor(float(weight), dtype=torch.float64, device=grads[0].device)
         total = mine.clone()
         dist.all_reduce(total, group=group)
         share = mine / total.clamp(min=1.0)
-    for group_params in by_dtype.values():
-        grads = [p.grad for p in group_params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+
+    def combine(flat: torch.Tensor) -> None:
         if share is not None:
             flat.mul_(share.to(flat.dtype))
         dist.all_reduce(flat, group=group)
         if share is None:
             flat.div_(world)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset:offset + g.numel()].view_as(g))
-            offset += g.numel()
+
+    _in_flat_buffers(grads, combine)
 
 
 def broadcast_parameters(params: Iterable[torch.nn.Parameter], src: int = 0, group=None) -> None:
     """Copy ``params`` from rank ``src`` to every rank (one flat broadcast per dtype)."""
     import torch.distributed as dist
 
-    by_dtype: dict[torch.dtype, list[torch.nn.Parameter]] = {}
-    for p in params:
-        by_dtype.setdefault(p.dtype, []).append(p)
     with torch.no_grad():
-        for group_params in by_dtype.values():
-            flat = torch.cat([p.reshape(-1) for p in group_params])
-            dist.broadcast(flat, src, group=group)
-            offset = 0
-            for p in group_params:
-                p.copy_(flat[offset:offset + p.numel()].view_as(p))
-                offset += p.numel()
+        _in_flat_buffers(list(params), lambda flat: dist.broadcast(flat, src, group=group))
 
 
 class QLoRADDPStrategy(DDPStrategy):
@@ -130,8 +132,6 @@ class QLoRADDPStrategy(DDPStrategy):
             loss = closure()
             module = self.lightning_module
             tokens = getattr(module, "labelled_since_step", None)  # QLoRAModule counts them on the CPU
-            if tokens is not None:
-                module.labelled_since_step = 0
             all_reduce_gradients(trainable(module), weight=tokens if self.token_weighted else None)
             return loss
 

@@ -171,6 +171,10 @@ class QLoRAModule(L.LightningModule):
         loss, _, targets = label_loss(self.model, self.eval_inputs(batch))
         self.log("test_loss", loss, on_epoch=True, batch_size=targets.numel())
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """A new optimizer step counts its labelled tokens from zero (read by QLoRADDPStrategy just before this)."""
+        self.labelled_since_step = 0
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Lightning's clipping, except under FSDP, where the norm is clipped over all shards by the strategy
         (:meth:`lit_llama_lab.model.fsdp.QLoRAFSDPStrategy.clip_gradients_by_norm`)."""
