@@ -5,7 +5,8 @@
 #               (strict emoji scoring + general suite), in parallel, one per GPU.
 #   PART=scale  the 1B bench on 1 and 2 GPUs (training's default path); a 2-GPU run killed (SIGKILL) mid-epoch and
 #               resumed on 1 GPU, its examples step by step against a 1-GPU run straight through (SKIP_BENCH=1: only that).
-#   PART=x2a    the emoji config on 1 GPU (phase timer) and on 2 (Lightning's launcher, torchrun), the last evaluated.
+#   PART=x2a    the emoji config on 1 GPU (phase timer) and on 2 (the CLI's own launch, torchrun).
+#   PART=evals  after x2a: its 1- and 2-GPU adapters evaluated (strict emoji + general suite), the GPU tests beside.
 #   PART=fsdp3b a Llama-3.2-3B-shaped model on 2 GPUs, DDP against FSDP (peak memory), the FSDP checkpoint resumed on 1.
 set -u
 OUT=${OUT:?set OUT}; mkdir -p "$OUT"; PY=python3; W=/tmp/multi; mkdir -p $W; START=$(date +%s)
@@ -86,11 +87,18 @@ d.prepare_data()" > $W/replay.log 2>&1; log "replay cache rc=$?"
   grep -E '"(train_seconds|data_setup_seconds|steps|validation|first_batches|train_batches|sanity_check|model_load|sample_tables|checkpoint_writes|before_first_batch|after_train_end)"' "$OUT/fit-one.json" | tr -d '\n' >> "$OUT/summary.txt"; echo >> "$OUT/summary.txt"
   two="--trainer.devices 2 --trainer.strategy ddp --data.global_batch_size 32"
   t=$(date +%s); timeout 200 bash -c "$(declare -f fit); PY=$PY; fit --trainer.logger.init_args.name two $two" > $W/fit-two.log 2>&1
-  log "2 GPU fit (Lightning's launcher) rc=$? wall $(( $(date +%s) - t )) s"
+  log "2 GPU fit (the CLI starts rank 1 before rank 0 builds anything) rc=$? wall $(( $(date +%s) - t )) s"; grep -E "Started ranks|it/s" $W/fit-two.log | tail -n 2 >> "$OUT/summary.txt"
   t=$(date +%s); timeout 200 torchrun --standalone --nproc-per-node 2 -m lit_llama_lab.cli fit --config configs/emoji.yaml --trainer.logger.init_args.name tr $two > $W/fit-tr.log 2>&1
   log "2 GPU fit (torchrun) rc=$? wall $(( $(date +%s) - t )) s"; grep -E "it/s" $W/fit-tr.log | tail -n 1 >> "$OUT/summary.txt"
-  ev 200 --model runs/tr/checkpoints/last --suite '[emoji,general]' --split '[train,test]' --wordings '[train,heldout]' --limit 800 > $W/ev-tr.log 2>&1; log "eval rc=$?"
-  evals >> "$OUT/summary.txt"
+  ;;
+evals)
+  # after x2a on the same host: the 1-GPU and the 2-GPU (CLI) adapters evaluated one after the other on GPU 0, the
+  # GPU-only tests on GPU 1 meanwhile; every answer that ran on without eos copied to $OUT
+  (CUDA_VISIBLE_DEVICES=1 timeout 280 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/gpu > $W/gpu-tests.log 2>&1; echo "pytest rc=$?" >> $W/gpu-tests.log) &
+  for r in one two; do CUDA_VISIBLE_DEVICES=0 ev 150 --model runs/$r/checkpoints/last --output_dir runs/eval-$r --suite '[emoji,general]' --split '[train,test]' --wordings '[train,heldout]' --limit 800 > $W/ev-$r.log 2>&1; log "eval $r rc=$?"; done
+  wait; tail -n 3 $W/gpu-tests.log | tee -a "$OUT/summary.txt"
+  for r in one two; do echo "== $r"; rm -rf runs/eval; ln -s eval-$r runs/eval; evals; done >> "$OUT/summary.txt" 2>&1
+  cat runs/eval-*/*/answers.jsonl | grep '"stopped": false' > "$OUT/runons.jsonl"; wc -l < "$OUT/runons.jsonl" >> "$OUT/summary.txt"
   ;;
 fsdp3b)
   # a Llama-3.2-3B-shaped model (random weights), QLoRA on 2 GPUs: DDP against FSDP at the same per-GPU batch, then the
