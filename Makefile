@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 CONFIG ?= configs/emoji.yaml
 ARGS ?=
 
-.PHONY: install test test-llamacpp eval-llamacpp llama-quantize test-ui lint train-emoji train-debug train-finetome train-finetome-tuned eval-emoji tensorboard ui bench bench-data export clean
+.PHONY: install test test-proofs test-llamacpp eval-llamacpp llama-quantize test-ui lint train-emoji train-debug train-finetome train-finetome-tuned eval-emoji tensorboard ui bench bench-data export clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,14 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# The suite (CI's .ci/run), under 15 minutes on 2 cores; the slowest end-to-end proofs (marked `proof`: the 2-process
+# CLI resume, the per-device-batch DDP run, the isolated bench, the perturbed-GGUF verdict, compiled layers) run with
+# make test-proofs (about 3 more minutes).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -m "not proof" $(ARGS)
+
+test-proofs: $(STAMP)
+	$(BIN)/python -m pytest -q -m proof $(ARGS)
 
 # llama.cpp itself, for the GGUF proofs: llama-cpp-python built from PyPI's source distribution (it vendors llama.cpp)
 # for the CPU, once (stamp). AMX is left out: on AMX CPUs (GGML_NATIVE=ON) its weight repacking segfaults on any

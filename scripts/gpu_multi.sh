@@ -6,6 +6,7 @@
 #   PART=scale  the 1B bench on 1 and 2 GPUs (training's default path); a 2-GPU run killed (SIGKILL) mid-epoch and
 #               resumed on 1 GPU, its examples step by step against a 1-GPU run straight through (SKIP_BENCH=1: only that).
 #   PART=x2a    the emoji config on 1 GPU (phase timer) and on 2 (the CLI's own launch, torchrun).
+#   PART=pair   the emoji config timed on 1 GPU and on 2 (the CLI's launch), nothing else.
 #   PART=evals  after x2a: its 1- and 2-GPU adapters evaluated (strict emoji + general suite), the GPU tests beside.
 #   PART=fsdp3b a Llama-3.2-3B-shaped model on 2 GPUs, DDP against FSDP (peak memory), the FSDP checkpoint resumed on 1.
 set -u
@@ -90,6 +91,18 @@ d.prepare_data()" > $W/replay.log 2>&1; log "replay cache rc=$?"
   log "2 GPU fit (the CLI starts rank 1 before rank 0 builds anything) rc=$? wall $(( $(date +%s) - t )) s"; grep -E "Started ranks|it/s" $W/fit-two.log | tail -n 2 >> "$OUT/summary.txt"
   t=$(date +%s); timeout 200 torchrun --standalone --nproc-per-node 2 -m lit_llama_lab.cli fit --config configs/emoji.yaml --trainer.logger.init_args.name tr $two > $W/fit-tr.log 2>&1
   log "2 GPU fit (torchrun) rc=$? wall $(( $(date +%s) - t )) s"; grep -E "it/s" $W/fit-tr.log | tail -n 1 >> "$OUT/summary.txt"
+  ;;
+pair)
+  # the emoji config timed on 1 GPU, then on 2 (the CLI's own launch, the same global batch); the replay cache back too
+  CUDA_VISIBLE_DEVICES=0 timeout 200 "$PY" -c "
+from lit_llama_lab.data.datamodule import ChatDataModule
+from lit_llama_lab.data.replay import ReplayArgs
+d = ChatDataModule(source='emoji', tokenizer='smollm2-135m', batch_size=32, max_seq_length=512, test_fraction=0.2, val_fraction=0.02, replay=ReplayArgs(ratio=0.2, model='smollm2-135m'))
+d.prepare_data()" > $W/replay.log 2>&1; log "replay cache rc=$?"; find /root/llcache -path '*replay*' -name '*.jsonl' -exec cp {} "$OUT/" \;
+  t=$(date +%s); CUDA_VISIBLE_DEVICES=0 timeout 200 bash -c "$(declare -f fit); PY=$PY; fit --trainer.logger.init_args.name one" > $W/fit-one.log 2>&1
+  log "1 GPU fit rc=$? wall $(( $(date +%s) - t )) s"; grep -E "it/s" $W/fit-one.log | tail -n 1 >> "$OUT/summary.txt"
+  t=$(date +%s); timeout 200 bash -c "$(declare -f fit); PY=$PY; fit --trainer.logger.init_args.name two --trainer.devices 2 --trainer.strategy ddp --data.global_batch_size 32" > $W/fit-two.log 2>&1
+  log "2 GPU fit rc=$? wall $(( $(date +%s) - t )) s"; grep -E "it/s" $W/fit-two.log | tail -n 1 >> "$OUT/summary.txt"
   ;;
 evals)
   # after x2a on the same host: the 1-GPU and the 2-GPU (CLI) adapters evaluated one after the other on GPU 0, the

@@ -55,8 +55,8 @@ def all_reduce_gradients(params: Iterable[torch.nn.Parameter], group=None, weigh
 
     Without ``weight``: the mean over the ranks, as DDP. With ``weight`` (this rank's labelled tokens in the step):
     each rank's gradient of its mean loss counts by its share of all ranks' tokens, ``sum_r w_r g_r / sum_r w_r``: the
-    gradient of the mean over every token of the step, what one process with the combined batch computes (one more
-    all-reduce, of the weights; no host sync)."""
+    gradient of the mean over every token of the step, what one process with the combined batch computes (the weight
+    rides in the same all-reduce; no host sync)."""
     import torch.distributed as dist
 
     world = dist.get_world_size(group)
@@ -67,19 +67,21 @@ def all_reduce_gradients(params: Iterable[torch.nn.Parameter], group=None, weigh
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         grads.append(p.grad)
-    share = None
-    if weight is not None and grads:
-        mine = torch.tensor(float(weight), dtype=torch.float64, device=grads[0].device)
-        total = mine.clone()
-        dist.all_reduce(total, group=group)
-        share = mine / total.clamp(min=1.0)
-
-    def combine(flat: torch.Tensor) -> None:
-        if share is not None:
-            flat.mul_(share.to(flat.dtype))
-        dist.all_reduce(flat, group=group)
-        if share is None:
+    if weight is None:
+        def combine(flat: torch.Tensor) -> None:
+            dist.all_reduce(flat, group=group)
             flat.div_(world)
+    else:
+        w = float(weight)
+
+        def combine(flat: torch.Tensor) -> None:
+            # this rank's tokens times its gradient, with the tokens appended, summed over the ranks in one call. The
+            # weight reaches the GPU only as a kernel argument (a multiply, a fill): copying a host value to the GPU
+            # would wait for every queued kernel, a host sync in every step.
+            work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+            both = torch.cat([work * w, torch.full((1,), w, dtype=work.dtype, device=work.device)])
+            dist.all_reduce(both, group=group)
+            flat.copy_(both[:-1] / both[-1:].clamp(min=1.0))
 
     _in_flat_buffers(grads, combine)
 

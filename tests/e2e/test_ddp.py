@@ -55,6 +55,7 @@ def test_ranks_read_disjoint_strided_shards_of_one_epoch_order(tmp_path: Path) -
 
 
 @pytest.mark.slow
+@pytest.mark.proof
 def test_ddp_two_cpu_processes_match_one_process_with_the_combined_batch(tmp_path: Path, one_process_run) -> None:
     _, source, one = one_process_run
     two = train(tmp_path / "ddp", source, devices=2)
@@ -91,6 +92,7 @@ def test_two_processes_with_unequal_token_counts_train_what_one_process_trains(t
 
 
 @pytest.mark.slow
+@pytest.mark.proof
 def test_a_two_process_run_stopped_mid_epoch_resumes_on_one_process_as_if_never_stopped(tmp_path: Path) -> None:
     """Issue 18's resume across device counts, through the CLI: 2 processes (global batch 8) stop after 4 of the
     epoch's 8 steps; 1 process resumes from that checkpoint to step 8 and ends with the adapter of 1 process that

@@ -14,6 +14,7 @@ from lit_llama_lab.speed.compile import checkpoint_kwargs
 from tests.helpers import emoji_batch, make_module, train
 
 
+@pytest.mark.proof
 def test_compiled_checkpointed_layers_train_like_eager():
     runs = {}
     for compile in (False, True):

@@ -75,6 +75,7 @@ def test_ours_is_trainings_plan_setup_and_step():
     assert prepare({"x": 1}) == {"x": 1}  # the step converts each batch itself, as training does
 
 
+@pytest.mark.proof
 def test_isolated_bench_runs_each_path_in_its_own_process_with_the_same_results(tmp_path):
     kwargs = dict(shape="tiny", seq_len=64, micro_batch=1, steps=1, warmup=1, doc_len=32, loss_steps=2, loss_batch=8,
                   device="cpu", paths="baseline,ours,ours+nosuch")

@@ -193,6 +193,7 @@ def test_failed_export_leaves_nothing_and_keeps_old_output(checkpoint, tmp_path)
     assert sorted(os.listdir(out.parent)) == ["model"] and sorted(os.listdir(out)) == ["export.json", "old.txt"]
 
 
+@pytest.mark.proof
 def test_verify_tables_every_artefact_and_fails_on_a_perturbed_gguf(checkpoint, tmp_path, capsys):
     """export --verify answers a test-split sample with each artefact; a GGUF whose weights were damaged after the
     export answers unlike the adapter, so verifying the folder again fails, keeping the files, marked unverified."""
