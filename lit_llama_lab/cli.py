@@ -19,7 +19,6 @@ from lit_llama_lab.train.module import QLoRAModule  # noqa: E402
 FSDP_STRATEGY = "lit_llama_lab.model.fsdp.QLoRAFSDPStrategy"
 DDP_STRATEGY = "lit_llama_lab.train.ddp.QLoRADDPStrategy"
 STRATEGIES = {"fsdp": FSDP_STRATEGY, "ddp": DDP_STRATEGY}  # names the CLI maps to this project's strategies
-EARLY_LAUNCHERS: list = []  # launchers of ranks started before trainer.fit (launch_ranks_early), to stop on failure
 STOPPED_BY_SIGTERM = 128 + signal.SIGTERM  # the exit status of a run a scheduler stopped: 143, never 0
 # Subcommands that are not Trainer methods: name -> "module:function" run through jsonargparse.
 TOOLS = {
@@ -52,16 +51,11 @@ class LabCLI(LightningCLI):
         strategy = config.get("trainer.strategy") if config is not None else None
         if isinstance(strategy, str) and strategy in STRATEGIES:
             config["trainer.strategy"] = Namespace(class_path=STRATEGIES[strategy], init_args=Namespace())
-        if self.subcommand == "fit" and config is not None:
-            self.early_launcher = launch_ranks_early(config)
 
     def before_fit(self) -> None:
         """Refuse at once, before data and model load, a fit into a folder holding another run's checkpoints."""
         from lit_llama_lab.train.callbacks.checkpoint import AdapterCheckpoint
 
-        launcher = getattr(self, "early_launcher", None)
-        if launcher is not None:  # the ranks started already; Lightning's launcher would have started them only now
-            self.trainer.strategy._launcher = launcher
         ckpt_path = self.config_init[self.subcommand].get("ckpt_path")
         for callback in self.trainer.checkpoint_callbacks:
             if isinstance(callback, AdapterCheckpoint):
@@ -77,64 +71,6 @@ class LabCLI(LightningCLI):
         except SIGTERMException:
             print(f"Stopped by SIGTERM: exit status {STOPPED_BY_SIGTERM}.", file=sys.stderr)
             raise SystemExit(STOPPED_BY_SIGTERM) from None
-
-
-def launched_devices(devices) -> int:
-    """How many processes ``--trainer.devices`` asks for on one node when that is clear from the value alone (an
-    int, a count as a string, a list or a comma list of device ids); 0 for ``auto``, ``-1`` and anything else."""
-    if isinstance(devices, str):
-        text = devices.strip()
-        if text.isdigit():
-            return int(text)
-        ids = [part for part in text.split(",") if part.strip()]
-        return len(ids) if len(ids) > 1 and all(part.strip().isdigit() for part in ids) else 0
-    if isinstance(devices, (list, tuple)):
-        return len(devices)
-    return devices if isinstance(devices, int) and devices > 0 else 0
-
-
-def launch_ranks_early(config):
-    """Start ranks 1..N-1 of a one-node ``--trainer.strategy ddp`` or ``fsdp`` fit now, before this process builds
-    its trainer, data and model; return the launcher, which then goes to the strategy (:meth:`LabCLI.before_fit`).
-
-    Lightning's subprocess launcher starts them only when rank 0 reaches ``trainer.fit``, after its imports, parsing and
-    instantiation; rank 0 then waits at the process group while rank 1 does all of that again (16 s of a 121 s emoji
-    fit on 2 H200). This is the same launcher, called earlier: the same command line, the same environment variables
-    (``MASTER_ADDR``, ``MASTER_PORT``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``NODE_RANK``), its watcher that stops every rank
-    when one fails. Nothing happens inside a launched rank, under torchrun, SLURM or another cluster environment, on
-    several nodes, or when the device count is ``auto`` (Lightning's launcher then starts the ranks as usual)."""
-    from lightning.fabric.plugins.environments import (
-        LightningEnvironment,
-        LSFEnvironment,
-        MPIEnvironment,
-        SLURMEnvironment,
-        TorchElasticEnvironment,
-    )
-    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
-
-    strategy = config.get("trainer.strategy")
-    class_path = getattr(strategy, "class_path", None)
-    count = launched_devices(config.get("trainer.devices"))
-    nodes = config.get("trainer.num_nodes") or 1
-    external = ("LOCAL_RANK" in os.environ or TorchElasticEnvironment.detect() or SLURMEnvironment.detect()
-                or LSFEnvironment.detect() or MPIEnvironment.detect())
-    if class_path not in STRATEGIES.values() or count < 2 or nodes != 1 or external:
-        return None
-    launcher = _SubprocessScriptLauncher(LightningEnvironment(), num_processes=count, num_nodes=1)
-    launcher.launch(lambda: None)
-    EARLY_LAUNCHERS.append(launcher)
-    print(f"Started ranks 1-{count - 1} of {count} before building the trainer, data and model "
-          f"(pids {' '.join(str(p.pid) for p in launcher.procs)}).", file=sys.stderr)
-    return launcher
-
-
-def stop_early_ranks() -> None:
-    """Stop the ranks :func:`launch_ranks_early` started (rank 0 failed before ``trainer.fit``, where Lightning's
-    own handler would have stopped them): otherwise they would wait for it at the process group until its timeout."""
-    for launcher in EARLY_LAUNCHERS:
-        for proc in launcher.procs:
-            if proc.poll() is None:
-                proc.kill()
 
 
 def bare_flags(target, args: list[str]) -> list[str]:
@@ -173,17 +109,12 @@ def main(args: list[str] | None = None) -> None:
     if argv and argv[0] in TOOLS:
         run_tool(argv[0], argv[1:])
         return
-    try:
-        LabCLI(
-            QLoRAModule,
-            ChatDataModule,
-            args=args,
-            save_config_kwargs={"overwrite": True},
-        )
-    except BaseException as error:
-        if not (isinstance(error, SystemExit) and error.code in (0, None)):
-            stop_early_ranks()
-        raise
+    LabCLI(
+        QLoRAModule,
+        ChatDataModule,
+        args=args,
+        save_config_kwargs={"overwrite": True},
+    )
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@
 #               (strict emoji scoring + general suite), in parallel, one per GPU.
 #   PART=scale  the 1B bench on 1 and 2 GPUs (training's default path); a 2-GPU run killed (SIGKILL) mid-epoch and
 #               resumed on 1 GPU, its examples step by step against a 1-GPU run straight through (SKIP_BENCH=1: only that).
-#   PART=x2a    the emoji config on 1 GPU (phase timer) and on 2 (the CLI's own launch, torchrun).
-#   PART=pair   the emoji config timed on 1 GPU and on 2 (the CLI's launch), nothing else.
+#   PART=x2a    the emoji config on 1 GPU (phase timer) and on 2 (Lightning's launcher, torchrun).
+#   PART=pair   the emoji config timed on 1 GPU and on 2 (Lightning's launcher), nothing else.
 #   PART=evals  after x2a: its 1- and 2-GPU adapters evaluated (strict emoji + general suite), the GPU tests beside.
 #   PART=fsdp3b a Llama-3.2-3B-shaped model on 2 GPUs, DDP against FSDP (peak memory), the FSDP checkpoint resumed on 1.
 set -u
@@ -88,12 +88,12 @@ d.prepare_data()" > $W/replay.log 2>&1; log "replay cache rc=$?"
   grep -E '"(train_seconds|data_setup_seconds|steps|validation|first_batches|train_batches|sanity_check|model_load|sample_tables|checkpoint_writes|before_first_batch|after_train_end)"' "$OUT/fit-one.json" | tr -d '\n' >> "$OUT/summary.txt"; echo >> "$OUT/summary.txt"
   two="--trainer.devices 2 --trainer.strategy ddp --data.global_batch_size 32"
   t=$(date +%s); timeout 200 bash -c "$(declare -f fit); PY=$PY; fit --trainer.logger.init_args.name two $two" > $W/fit-two.log 2>&1
-  log "2 GPU fit (the CLI starts rank 1 before rank 0 builds anything) rc=$? wall $(( $(date +%s) - t )) s"; grep -E "Started ranks|it/s" $W/fit-two.log | tail -n 2 >> "$OUT/summary.txt"
+  log "2 GPU fit (Lightning's launcher) rc=$? wall $(( $(date +%s) - t )) s"; grep -E "it/s" $W/fit-two.log | tail -n 2 >> "$OUT/summary.txt"
   t=$(date +%s); timeout 200 torchrun --standalone --nproc-per-node 2 -m lit_llama_lab.cli fit --config configs/emoji.yaml --trainer.logger.init_args.name tr $two > $W/fit-tr.log 2>&1
   log "2 GPU fit (torchrun) rc=$? wall $(( $(date +%s) - t )) s"; grep -E "it/s" $W/fit-tr.log | tail -n 1 >> "$OUT/summary.txt"
   ;;
 pair)
-  # the emoji config timed on 1 GPU, then on 2 (the CLI's own launch, the same global batch); the replay cache back too
+  # the emoji config timed on 1 GPU, then on 2 (Lightning's launcher, the same global batch); the replay cache back too
   CUDA_VISIBLE_DEVICES=0 timeout 200 "$PY" -c "
 from lit_llama_lab.data.datamodule import ChatDataModule
 from lit_llama_lab.data.replay import ReplayArgs

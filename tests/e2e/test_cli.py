@@ -46,26 +46,3 @@ def test_debug_fit_writes_logs_and_adapter_checkpoint(tmp_path):
     assert ckpts, "no checkpoint written"
     state = torch.load(sorted(ckpts)[-1], map_location="cpu", weights_only=True)["state_dict"]
     assert state and all("lora_" in k for k in state)
-
-
-def test_the_cli_starts_other_ranks_early_only_when_it_alone_launches_a_known_count(monkeypatch):
-    """``--trainer.strategy ddp``/``fsdp`` with a readable device count on one node: the CLI starts ranks 1..N-1
-    before rank 0 builds anything (the 2-process runs of tests/e2e/test_ddp.py check the message and the result).
-    Left to Lightning: ``auto``, one device, another strategy, several nodes, or a process that is itself a launched
-    rank (LOCAL_RANK set by Lightning, torchrun, SLURM)."""
-    from jsonargparse import Namespace
-
-    from lit_llama_lab.cli import DDP_STRATEGY, launch_ranks_early, launched_devices
-
-    assert [launched_devices(d) for d in (2, "2", [0, 1], "0,1", "1,", "auto", -1, 1, None)] == [2, 2, 2, 2, 0, 0, 0, 1, 0]
-    ddp = Namespace(class_path=DDP_STRATEGY, init_args=Namespace())
-
-    def config(**values):
-        return Namespace(**{"trainer.strategy": ddp, "trainer.devices": 2, "trainer.num_nodes": 1, **values})
-
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    assert launch_ranks_early(config()) is None
-    monkeypatch.delenv("LOCAL_RANK")
-    for refused in ({"trainer.devices": "auto"}, {"trainer.devices": 1}, {"trainer.num_nodes": 2},
-                    {"trainer.strategy": "ddp_spawn"}):
-        assert launch_ranks_early(config(**refused)) is None, refused
