@@ -3,7 +3,11 @@ measure name accuracy.
 
     python scripts/emoji_experiment.py OUT.json fit --config configs/emoji.yaml [overrides...]
 
-Used for GPU runs; `lit-llama-lab evaluate` is the tool for reports. EVAL_LIMIT=N evaluates N rows per split.
+Used for GPU runs; `lit-llama-lab evaluate` is the tool for reports. Under DDP (Lightning's launcher re-runs this
+script for rank 1..N-1; torchrun starts every rank) each rank writes ``OUT.json.rank<R>``, with ``marks``: seconds
+from the launch (``LAUNCH_T0``, epoch seconds set by the shell: ``LAUNCH_T0=$(date +%s.%N)``; else this script's
+start) to the end of imports, the CLI built, the data set up, ``fit`` started, the first batch, the last batch and
+``fit`` returned: where each rank spends the time outside the steps. EVAL_LIMIT=N evaluates N rows per split.
 PROFILE_STEPS=A:B traces training batches A..B with torch.profiler and prints how busy the GPU was in that window
 and which host calls waited for it.
 """
@@ -13,15 +17,17 @@ import os
 import sys
 import time
 
-import lightning as L
-import torch
+IMPORT_T0 = time.time()  # before the heavy imports below
 
-from lit_llama_lab.cli import LabCLI
-from lit_llama_lab.data.datamodule import ChatDataModule
-from lit_llama_lab.generation import generate
-from lit_llama_lab.tasks.emoji.rows import HELDOUT_WORDINGS, TRAIN_WORDINGS
-from lit_llama_lab.train.callbacks import AdapterCheckpoint, SampleGenerations
-from lit_llama_lab.train.module import QLoRAModule
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+
+from lit_llama_lab.cli import LabCLI  # noqa: E402
+from lit_llama_lab.data.datamodule import ChatDataModule  # noqa: E402
+from lit_llama_lab.generation import generate  # noqa: E402
+from lit_llama_lab.tasks.emoji.rows import HELDOUT_WORDINGS, TRAIN_WORDINGS  # noqa: E402
+from lit_llama_lab.train.callbacks import AdapterCheckpoint, SampleGenerations  # noqa: E402
+from lit_llama_lab.train.module import QLoRAModule  # noqa: E402
 
 
 class PhaseTimer(L.Callback):
@@ -58,10 +64,12 @@ class PhaseTimer(L.Callback):
 
     def on_train_start(self, trainer, pl_module):
         self.seconds["before_first_batch"] = time.perf_counter() - self.fit_start
+        mark("first_batch")
 
     def on_train_end(self, trainer, pl_module):
         self._sync(pl_module)
         self.train_end = time.perf_counter()
+        mark("last_batch")
 
 
 class StepWindowProfile(L.Callback):
@@ -109,6 +117,15 @@ class StepWindowProfile(L.Callback):
         print(json.dumps(self.summary, indent=1), "\n", top, flush=True)
 
 
+LAUNCH_T0 = float(os.environ.get("LAUNCH_T0", IMPORT_T0))
+MARKS: dict[str, float] = {}
+
+
+def mark(name: str) -> None:
+    """Seconds from the launch to now, under ``name``."""
+    MARKS[name] = round(time.time() - LAUNCH_T0, 3)
+
+
 def time_calls(timer: PhaseTimer, owner, name: str, key: str) -> None:
     """Add the wall time of every call of ``owner.name`` (synchronized on a GPU) to ``timer.seconds[key]``."""
     original = getattr(owner, name)
@@ -137,12 +154,16 @@ def accuracy(model, tok, rows, wordings, batch_size=128):
 
 
 def main():
+    MARKS["script_start"] = round(IMPORT_T0 - LAUNCH_T0, 3)
+    mark("imports_done")
     out, args = sys.argv[1], sys.argv[2:]
     cli = LabCLI(QLoRAModule, ChatDataModule, args=args[1:], run=False)
+    mark("cli_built")
     data, module = cli.datamodule, cli.model
     setup_start = time.perf_counter()
     data.setup("fit")  # tokenizing, and with --data.replay.ratio the replay answers (generated once, then cached)
     setup_seconds = time.perf_counter() - setup_start
+    mark("data_set_up")
     epoch_tokens = sum(len(e["input_ids"]) for e in data.splits["train"])
     timer = PhaseTimer()
     cli.trainer.callbacks.insert(0, timer)  # first: its validation end is timed before samples and checkpoints
@@ -156,8 +177,13 @@ def main():
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     start = timer.fit_start = time.perf_counter()
+    mark("fit_start")
     cli.trainer.fit(module, datamodule=data)
     seconds = time.perf_counter() - start
+    mark("fit_returned")
+    rank = cli.trainer.global_rank
+    if cli.trainer.world_size > 1:
+        out = f"{out}.rank{rank}"
     timer.seconds["after_train_end"] = time.perf_counter() - timer.train_end
     tokens = epoch_tokens * max(1, cli.trainer.current_epoch)
     result = {"args": args, "epochs": cli.trainer.current_epoch, "steps": cli.trainer.global_step,
@@ -165,11 +191,11 @@ def main():
               "train_tokens": tokens, "tokens_per_s": tokens / seconds,
               "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
               "val_loss": float(cli.trainer.callback_metrics.get("val_loss", float("nan"))),
-              "profile": profiler.summary if profiler else None}
+              "profile": profiler.summary if profiler else None, "rank": rank, "marks": MARKS}
     print(json.dumps(result, indent=1), flush=True)
     model, tok = module.model, module.tokenizer
     limit = int(os.environ.get("EVAL_LIMIT", "100000"))
-    if limit > 0:
+    if limit > 0 and rank == 0:
         train, test = (list(data.rows[s])[:limit] for s in ("train", "test"))
         result["train"] = accuracy(model, tok, train, TRAIN_WORDINGS[:1])
         result["test"] = accuracy(model, tok, test, TRAIN_WORDINGS[:1])

@@ -6,6 +6,7 @@
 #   PART=scale  the 1B bench on 1 and 2 GPUs (training's default path); a 2-GPU run killed (SIGKILL) mid-epoch and
 #               resumed on 1 GPU, its examples step by step against a 1-GPU run straight through (SKIP_BENCH=1: only that).
 #   PART=x2a    the emoji config on 1 GPU (phase timer) and on 2 (Lightning's launcher, torchrun).
+#   PART=x2b    the emoji config's time outside the steps, per rank (1 GPU, Lightning's launcher, torchrun).
 #   PART=pair   the emoji config timed on 1 GPU and on 2 (Lightning's launcher), nothing else.
 #   PART=evals  after x2a: its 1- and 2-GPU adapters evaluated (strict emoji + general suite), the GPU tests beside.
 #   PART=fsdp3b a Llama-3.2-3B-shaped model on 2 GPUs, DDP against FSDP (peak memory), the FSDP checkpoint resumed on 1.
@@ -91,6 +92,28 @@ d.prepare_data()" > $W/replay.log 2>&1; log "replay cache rc=$?"
   log "2 GPU fit (Lightning's launcher) rc=$? wall $(( $(date +%s) - t )) s"; grep -E "it/s" $W/fit-two.log | tail -n 2 >> "$OUT/summary.txt"
   t=$(date +%s); timeout 200 torchrun --standalone --nproc-per-node 2 -m lit_llama_lab.cli fit --config configs/emoji.yaml --trainer.logger.init_args.name tr $two > $W/fit-tr.log 2>&1
   log "2 GPU fit (torchrun) rc=$? wall $(( $(date +%s) - t )) s"; grep -E "it/s" $W/fit-tr.log | tail -n 1 >> "$OUT/summary.txt"
+  ;;
+x2b)
+  # where the 2-GPU emoji fit spends the time outside its steps: scripts/emoji_experiment.py's marks on every rank
+  # (seconds from the launch to the end of imports, the CLI built, the data set up, fit started, the first and the
+  # last batch, fit returned) on 1 GPU, under Lightning's launcher and under torchrun. RUNS picks them (default "one
+  # two tr"; "early" runs the early-launch branch's package, copied untracked to EARLY=folder, e.g. .early). The
+  # replay cache must exist (PART=pair or x2a first on this host, or REPLAY=1).
+  two="--trainer.devices 2 --trainer.strategy ddp --data.global_batch_size 32"
+  [ -n "${REPLAY:-}" ] && { CUDA_VISIBLE_DEVICES=0 timeout 200 "$PY" -c "
+from lit_llama_lab.data.datamodule import ChatDataModule
+from lit_llama_lab.data.replay import ReplayArgs
+d = ChatDataModule(source='emoji', tokenizer='smollm2-135m', batch_size=32, max_seq_length=512, test_fraction=0.2, val_fraction=0.02, replay=ReplayArgs(ratio=0.2, model='smollm2-135m'))
+d.prepare_data()" > $W/replay.log 2>&1; log "replay cache rc=$?"; }
+  exp() { local name=$1; shift; local t=$(date +%s); LAUNCH_T0=$(date +%s.%N) EVAL_LIMIT=0 timeout 220 "$@" > $W/x2b-$name.log 2>&1
+    log "$name rc=$? wall $(( $(date +%s) - t )) s"; }
+  for r in ${RUNS:-one two tr}; do case $r in
+    one) CUDA_VISIBLE_DEVICES=0 exp one "$PY" scripts/emoji_experiment.py "$OUT/x2b-one.json" fit --config configs/emoji.yaml --trainer.logger.init_args.name x2b-one ;;
+    two) exp two "$PY" scripts/emoji_experiment.py "$OUT/x2b-two.json" fit --config configs/emoji.yaml --trainer.logger.init_args.name x2b-two $two ;;
+    tr) exp tr torchrun --standalone --nproc-per-node 2 scripts/emoji_experiment.py "$OUT/x2b-tr.json" fit --config configs/emoji.yaml --trainer.logger.init_args.name x2b-tr $two ;;
+    early) PYTHONPATH=$PWD/${EARLY:?}:$PYTHONPATH exp early "$PY" scripts/emoji_experiment.py "$OUT/x2b-early.json" fit --config configs/emoji.yaml --trainer.logger.init_args.name x2b-early $two ;;
+  esac; done
+  for f in "$OUT"/x2b-*.json*; do "$PY" -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1].split('/')[-1], d['marks'], {k: round(v, 1) for k, v in d['phases'].items()})" "$f"; done >> "$OUT/summary.txt"
   ;;
 pair)
   # the emoji config timed on 1 GPU, then on 2 (Lightning's launcher, the same global batch); the replay cache back too
