@@ -43,10 +43,11 @@ def _in_flat_buffers(tensors: list[torch.Tensor], collective: Callable[[torch.Te
     for group in by_dtype.values():
         flat = torch.cat([t.reshape(-1) for t in group])
         collective(flat)
-        offset = 0
+        views, offset = [], 0
         for t in group:
-            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            views.append(flat[offset:offset + t.numel()].view_as(t))
             offset += t.numel()
+        torch._foreach_copy_(group, views)  # one multi-tensor copy, not one kernel launch per tensor
 
 
 def all_reduce_gradients(params: Iterable[torch.nn.Parameter], group=None, weight: float | None = None) -> None:
@@ -121,6 +122,7 @@ class QLoRADDPStrategy(DDPStrategy):
                              "the wrapper.")
         super().__init__(*args, **kwargs)
         self.token_weighted = token_weighted
+        self._trainable: tuple[torch.nn.Module, list[torch.nn.Parameter]] | None = None
 
     def configure_ddp(self) -> None:
         """No wrapper: start every rank from rank 0's trainable parameters."""
@@ -134,7 +136,9 @@ class QLoRADDPStrategy(DDPStrategy):
             loss = closure()
             module = self.lightning_module
             tokens = getattr(module, "labelled_since_step", None)  # QLoRAModule counts them on the CPU
-            all_reduce_gradients(trainable(module), weight=tokens if self.token_weighted else None)
+            if self._trainable is None or self._trainable[0] is not module:  # found once a fit: a resume copies into them
+                self._trainable = (module, trainable(module))
+            all_reduce_gradients(self._trainable[1], weight=tokens if self.token_weighted else None)
             return loss
 
         return super().optimizer_step(optimizer, closure_then_average, model, **kwargs)
