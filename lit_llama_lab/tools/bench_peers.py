@@ -1,0 +1,104 @@
+"""The peers ``lit-llama-lab bench`` runs beside ours: what a practitioner would pick instead of this project.
+
+``trl`` is TRL's ``SFTTrainer`` as a tuned Hugging Face user configures it. The base is loaded in 4-bit as the other
+paths load it (NF4, double quantization). The LoRA goes through ``SFTTrainer``'s ``peft_config``, which includes
+TRL's own k-bit preparation, and the batches are padding-free packed rows. Its loss is ``SFTTrainer.compute_loss``
+(TRL's fused LM head and its metrics included), under bf16 autocast on a GPU, which is what the HF Trainer's
+``bf16=True`` does through accelerate. ``trl+liger`` adds ``use_liger_kernel`` (Liger's Triton kernels, GPU only).
+
+``unsloth`` is Unsloth's ``FastLanguageModel``: ``from_pretrained(load_in_4bit=True)``, then ``get_peft_model``
+with the same rank, alpha and targets, and Unsloth's gradient checkpointing when checkpointing is on. It runs on a
+GPU with the ``unsloth`` package installed in the bench's process (``docs/peers.md`` says how, offline). ``import
+unsloth`` patches transformers, so run it isolated (the default on a GPU with several paths).
+
+Every peer gets the same batches, rank, targets, AdamW and steps as ``ours`` (:func:`bench_measure.train_steps`).
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+
+from lit_llama_lab.model.load import load_base_model
+from lit_llama_lab.model.precision import resolve_compute_dtype
+from lit_llama_lab.train.args import LoraArgs
+
+PEERS = ("trl", "trl+liger", "unsloth")
+
+
+def _inputs(batch: dict) -> dict:
+    """What a peer's forward takes of a bench batch: packed rows with restarting position ids (transformers builds
+    the block-diagonal mask from them) and the labels."""
+    return {k: batch[k] for k in ("input_ids", "position_ids", "labels")}
+
+
+def build_trl(name: str, rank: int, checkpointing: bool, device: torch.device, seed: int, liger: bool = False,
+              **_) -> tuple:
+    """TRL's SFTTrainer step (see the module docstring). Returns ``(model, loss_fn, prepare)``."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    if liger and device.type != "cuda":
+        raise ValueError("trl+liger needs a GPU: Liger's kernels are Triton kernels. Use the trl path on a CPU.")
+    cuda = device.type == "cuda"
+    base, tokenizer = load_base_model(name, "nf4", resolve_compute_dtype("auto", device), device, "sdpa")
+    config = SFTConfig(output_dir=tempfile.mkdtemp(prefix="bench-trl-"), bf16=cuda, use_cpu=not cuda,
+                       gradient_checkpointing=checkpointing, use_liger_kernel=liger, padding_free=True, packing=True,
+                       learning_rate=2e-4, report_to=[], save_strategy="no", logging_strategy="no")
+    torch.manual_seed(seed)
+    trainer = SFTTrainer(model=base, args=config, train_dataset=Dataset.from_dict({"input_ids": [[0]]}),
+                         peft_config=LoraArgs(r=rank, alpha=rank).peft_config(), processing_class=tokenizer)
+    model = trainer.model
+
+    def loss_fn(batch: dict) -> torch.Tensor:
+        return trainer.compute_loss(model, _inputs(batch))
+
+    import trl
+
+    loss_fn.runs = (f"TRL {trl.__version__} SFTTrainer.compute_loss, its k-bit preparation and peft LoRA, padding-free "
+                    f"packed rows, sdpa, autocast {'bf16' if cuda else 'none'}"
+                    + (", Liger kernels (use_liger_kernel)" if liger else ""))
+    return model, loss_fn, lambda batch: batch
+
+
+def build_unsloth(name: str, rank: int, checkpointing: bool, device: torch.device, seed: int, **_) -> tuple:
+    """Unsloth's FastLanguageModel QLoRA (see the module docstring). Returns ``(model, loss_fn, prepare)``."""
+    if device.type != "cuda":
+        raise ValueError("The unsloth path needs a GPU: Unsloth runs on CUDA only.")
+    try:
+        import unsloth  # noqa: F401  (first: it patches transformers)
+        from unsloth import FastLanguageModel
+    except ImportError as error:
+        raise ValueError(f"The unsloth path needs the unsloth package ({error}); docs/peers.md says how to install it "
+                         "offline, in a site of its own.") from None
+    from lit_llama_lab.model.folders import model_folder
+
+    folder = str(model_folder(name))
+    seq_len = 8192
+    model, _ = FastLanguageModel.from_pretrained(model_name=folder, max_seq_length=seq_len, dtype=torch.bfloat16,
+                                                 load_in_4bit=True, local_files_only=True)
+    lora = LoraArgs(r=rank, alpha=rank)
+    model = FastLanguageModel.get_peft_model(model, r=rank, lora_alpha=rank, lora_dropout=0.0, bias="none",
+                                             target_modules=list(lora.peft_config().target_modules),
+                                             use_gradient_checkpointing="unsloth" if checkpointing else False,
+                                             random_state=seed)
+
+    def loss_fn(batch: dict) -> torch.Tensor:
+        return model(**_inputs(batch)).loss
+
+    loss_fn.runs = (f"Unsloth {unsloth.__version__} FastLanguageModel (load_in_4bit, get_peft_model"
+                    + (", its gradient checkpointing)" if checkpointing else ")"))
+    return model, loss_fn, lambda batch: batch
+
+
+def peer_options(path: str) -> tuple:
+    """``(builder, options)`` of a peer path, or ``None`` when ``path`` is no peer."""
+    # amp: bf16 autocast on a GPU, as the HF Trainer's bf16=True (through accelerate) runs both peers
+    if path == "trl":
+        return build_trl, {"amp": True}
+    if path == "trl+liger":
+        return build_trl, {"amp": True, "liger": True}
+    if path == "unsloth":
+        return build_unsloth, {"amp": True}
+    return None
