@@ -5,7 +5,7 @@
 # own; this script copies what arrived to /root/gpu and installs:
 #   .whl4 into /tmp/site (beside our stack: transformers 5.24, datasets 5.2);
 #   .whl3 into /tmp/unsloth-site with .whl's wheels except datasets and transformers, so Unsloth gets the host's
-#   transformers 5.17 and its own datasets 4.8.5; the unsloth bench runs with PYTHONPATH=/tmp/unsloth-site:$PWD only.
+#   transformers 5.17 and its own datasets 4.8.5; the unsloth bench runs with PYTHONPATH=/tmp/unsloth-site:$PWD:/root/smol/site-packages only.
 set -u
 OUT=${OUT:?set OUT}; mkdir -p "$OUT" /root/gpu/whl3 /root/gpu/whl4; PY=python3; START=$(date +%s)
 log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.txt"; }
@@ -16,11 +16,11 @@ if ls /root/gpu/whl3/*.whl >/dev/null 2>&1 && [ ! -d /tmp/unsloth-site ]; then
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/unsloth-site /root/gpu/whl3/*.whl \
     $(ls /root/gpu/whl/*.whl | grep -v -E '/(datasets|transformers)-') 2>&1 | grep -v -i warn
 fi
-PYTHONPATH=/tmp/unsloth-site:$PWD "$PY" -c "import unsloth, transformers; print('unsloth', unsloth.__version__, 'transformers', transformers.__version__)" >> "$OUT/summary.txt" 2>&1
+PYTHONPATH=/tmp/unsloth-site:$PWD:/root/smol/site-packages "$PY" -c "import unsloth, transformers; print('unsloth', unsloth.__version__, 'transformers', transformers.__version__)" >> "$OUT/summary.txt" 2>&1
 log "installed"
 timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/gpu/test_peers.py > "$OUT/peer-tests.log" 2>&1; log "peer tests rc=$? $(tail -n 1 "$OUT/peer-tests.log")"
 timeout 420 "$PY" -m lit_llama_lab.cli bench --shape llama-3.2-1b --paths baseline,ours+varlen+compile+graphs,trl,trl+liger \
   --output "$OUT/bench-peers.json" > "$OUT/bench-peers.log" 2>&1; log "bench rc=$?"; tail -n 7 "$OUT/bench-peers.log" >> "$OUT/summary.txt"
-PYTHONPATH=/tmp/unsloth-site:$PWD timeout 300 "$PY" -m lit_llama_lab.cli bench --shape llama-3.2-1b --paths unsloth \
+PYTHONPATH=/tmp/unsloth-site:$PWD:/root/smol/site-packages timeout 300 "$PY" -m lit_llama_lab.cli bench --shape llama-3.2-1b --paths unsloth \
   --output "$OUT/bench-unsloth.json" > "$OUT/bench-unsloth.log" 2>&1; log "unsloth bench rc=$?"; tail -n 4 "$OUT/bench-unsloth.log" >> "$OUT/summary.txt"
 log "done"
