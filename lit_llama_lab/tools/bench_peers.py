@@ -77,7 +77,7 @@ def build_unsloth(name: str, rank: int, checkpointing: bool, device: torch.devic
     folder = str(model_folder(name))
     seq_len = 8192
     model, _ = FastLanguageModel.from_pretrained(model_name=folder, max_seq_length=seq_len, dtype=torch.bfloat16,
-                                                 load_in_4bit=True, local_files_only=True)
+                                                 load_in_4bit=True)  # a local folder: no hub access
     lora = LoraArgs(r=rank, alpha=rank)
     model = FastLanguageModel.get_peft_model(model, r=rank, lora_alpha=rank, lora_dropout=0.0, bias="none",
                                              target_modules=list(lora.peft_config().target_modules),
