@@ -7,20 +7,29 @@
 #   .whl3 into /tmp/unsloth-site with .whl's wheels except datasets and transformers, so Unsloth gets the host's
 #   transformers 5.17 and its own datasets 4.8.5; the unsloth bench runs with PYTHONPATH=/tmp/unsloth-site:$PWD:/root/smol/site-packages only.
 set -u
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 UNSLOTH_COMPILE_LOCATION=/tmp/unsloth_cc
 OUT=${OUT:?set OUT}; mkdir -p "$OUT" /root/gpu/whl3 /root/gpu/whl4; PY=python3; START=$(date +%s)
 log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.txt"; }
 for d in whl3 whl4; do [ -d .$d ] && cp .$d/*.whl /root/gpu/$d/; done
 ls /root/gpu/whl4/*.whl >/dev/null 2>&1 && "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site --upgrade /root/gpu/whl4/*.whl 2>&1 | grep -v -i warn
 "$PY" -c "import trl, liger_kernel.transformers; print('trl', trl.__version__)" >> "$OUT/summary.txt" 2>&1
-if ls /root/gpu/whl3/*.whl >/dev/null 2>&1 && [ ! -d /tmp/unsloth-site ]; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/unsloth-site /root/gpu/whl3/*.whl \
+if ls /root/gpu/whl3/*.whl >/dev/null 2>&1; then  # .whl first, then .whl3 over it (dill, multiprocess: its versions)
+  rm -rf /tmp/unsloth-site
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/unsloth-site \
     $(ls /root/gpu/whl/*.whl | grep -v -E '/(datasets|transformers)-') 2>&1 | grep -v -i warn
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/unsloth-site --upgrade /root/gpu/whl3/*.whl 2>&1 | grep -v -i warn
 fi
-PYTHONPATH=/tmp/unsloth-site:$PWD:/root/smol/site-packages "$PY" -c "import unsloth, transformers; print('unsloth', unsloth.__version__, 'transformers', transformers.__version__)" >> "$OUT/summary.txt" 2>&1
+US=/tmp/unsloth-site:$PWD:/root/smol/site-packages  # Unsloth's PYTHONPATH: the host's transformers 5.17, not /tmp/site's
+PYTHONPATH=$US "$PY" -c "import unsloth, transformers; print('unsloth', unsloth.__version__, 'transformers', transformers.__version__)" >> "$OUT/summary.txt" 2>&1
 log "installed"
 timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/gpu/test_peers.py > "$OUT/peer-tests.log" 2>&1; log "peer tests rc=$? $(tail -n 1 "$OUT/peer-tests.log")"
 timeout 420 "$PY" -m lit_llama_lab.cli bench --shape llama-3.2-1b --paths baseline,ours+varlen+compile+graphs,trl,trl+liger \
   --output "$OUT/bench-peers.json" > "$OUT/bench-peers.log" 2>&1; log "bench rc=$?"; tail -n 7 "$OUT/bench-peers.log" >> "$OUT/summary.txt"
-PYTHONPATH=/tmp/unsloth-site:$PWD:/root/smol/site-packages timeout 300 "$PY" -m lit_llama_lab.cli bench --shape llama-3.2-1b --paths unsloth \
-  --output "$OUT/bench-unsloth.json" > "$OUT/bench-unsloth.log" 2>&1; log "unsloth bench rc=$?"; tail -n 4 "$OUT/bench-unsloth.log" >> "$OUT/summary.txt"
+# unsloth imported before anything imports transformers: its test through pytest.main, its bench path isolated (the
+# child imports unsloth first)
+PYTHONPATH=$US timeout 240 "$PY" -c "import unsloth, sys, pytest; sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/gpu/test_peers.py', '-k', 'unsloth']))" \
+  > "$OUT/unsloth-test.log" 2>&1; log "unsloth test rc=$? $(tail -n 1 "$OUT/unsloth-test.log")"
+PYTHONPATH=$US timeout 300 "$PY" -c "import unsloth; from lit_llama_lab.cli import main; main()" bench --shape llama-3.2-1b \
+  --paths unsloth --isolate true --output "$OUT/bench-unsloth.json" > "$OUT/bench-unsloth.log" 2>&1; log "unsloth bench rc=$?"
+tail -n 4 "$OUT/bench-unsloth.log" >> "$OUT/summary.txt"
 log "done"

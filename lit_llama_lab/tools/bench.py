@@ -228,7 +228,8 @@ def _bench_isolated(arguments: dict, paths: list[str], output: str | None) -> di
     with tempfile.TemporaryDirectory(prefix="lit-bench-") as tmp:
         for i, path in enumerate(paths):
             child = {**arguments, "paths": path, "isolate": False, "output": str(Path(tmp) / f"{i}.json")}
-            code = (f"import json, sys, torch; torch.set_num_threads({torch.get_num_threads()}); "
+            code = ("import unsloth; " if path == "unsloth" else "")  # Unsloth patches transformers: before it
+            code += (f"import json, sys, torch; torch.set_num_threads({torch.get_num_threads()}); "
                     "from lit_llama_lab.tools.bench import bench; bench(**json.loads(sys.argv[1]))")
             last = "no output"
             with subprocess.Popen([sys.executable, "-c", code, json.dumps(child)], stdout=subprocess.PIPE,

@@ -126,6 +126,7 @@ class QLoRADDPStrategy(DDPStrategy):
 
     def configure_ddp(self) -> None:
         """No wrapper: start every rank from rank 0's trainable parameters."""
+        self._trainable = None  # found again at the first step of this fit
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             broadcast_parameters(trainable(self.model))
 
@@ -136,7 +137,7 @@ class QLoRADDPStrategy(DDPStrategy):
             loss = closure()
             module = self.lightning_module
             tokens = getattr(module, "labelled_since_step", None)  # QLoRAModule counts them on the CPU
-            if self._trainable is None or self._trainable[0] is not module:  # found once a fit: a resume copies into them
+            if self._trainable is None or self._trainable[0] is not module:  # once a fit (a resume copies into them)
                 self._trainable = (module, trainable(module))
             all_reduce_gradients(self._trainable[1], weight=tokens if self.token_weighted else None)
             return loss

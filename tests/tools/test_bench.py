@@ -71,12 +71,42 @@ def test_bench_runs_trl_beside_ours_on_the_same_batches_and_rates_against_the_be
     assert trl["held_out_loss"] == pytest.approx(base["held_out_loss"], rel=1e-3)
     assert trl["train_loss_last"] != pytest.approx(trl["train_loss_first"], rel=1e-6)  # its adapters trained
     assert trl["trainable_params"] == base["trainable_params"] and trl["runs"].startswith("TRL ")
-    table = capsys.readouterr().out
-    assert "× best peer" in table and "| trl | " in table and "| 1.00 |" in table.split("| trl |")[1].split("\n")[0]
+    lines = capsys.readouterr().out.splitlines()
+    header = next(line for line in lines if line.startswith("| path |")).split("|")
+    column = header.index(" × best peer ")
+    rows = {line.split("|")[1].strip(): line.split("|") for line in lines if line.startswith(("| trl |", "| baseline |"))}
+    assert rows["trl"][column].strip() == "1.00"  # the only peer that ran is the best one
+    ratio = base["tokens_per_s"] / trl["tokens_per_s"]
+    assert rows["baseline"][column].strip() == f"{ratio:.2f}"
     for peer, needs in (("trl+liger", "needs a GPU"), ("unsloth", "needs a GPU")):
         builder, options = path_options(peer, {})
         with pytest.raises(ValueError, match=needs):
             builder("tiny-random", 8, True, torch.device("cpu"), 0, **{k: v for k, v in options.items() if k != "amp"})
+
+
+def test_the_trl_builder_checkpoints_trains_its_adapters_and_honours_the_seed():
+    """What Trainer.train() would switch on, the builder switches on (activation checkpointing here; Liger on a GPU),
+    the adapters it returns are the ones AdamW moves, and the bench's seed (not TRL's default 42) decides their
+    initialisation."""
+    from lit_llama_lab.tools.bench_measure import train_steps
+    from lit_llama_lab.tools.bench_paths import model_vocab, synthetic_batch
+    from lit_llama_lab.tools.bench_peers import build_trl, document_lengths
+
+    cpu = torch.device("cpu")
+    batch = synthetic_batch(model_vocab("tiny-random"), 1, 64, 16, cpu)
+    model, loss_fn, prepare = build_trl("tiny-random", 8, True, cpu, seed=0)
+    assert model.get_base_model().is_gradient_checkpointing
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and all(float(p.abs().max()) == 0.0 for p in lora_b)
+    train_steps(model, loss_fn, [prepare(batch)] * 2, cpu)
+    assert all(float(p.abs().max()) > 0.0 for p in lora_b)
+    lora_a = lambda m: next(p for n, p in m.named_parameters() if "lora_A" in n).detach().clone()  # noqa: E731
+    first, again, other = lora_a(build_trl("tiny-random", 8, False, cpu, seed=3)[0]), \
+        lora_a(build_trl("tiny-random", 8, False, cpu, seed=3)[0]), lora_a(build_trl("tiny-random", 8, False, cpu, seed=4)[0])
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    # Unsloth's packed attention reads the document lengths: every row's documents, row after row
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+    assert document_lengths(positions).tolist() == [3, 2, 1, 6]
 
 
 def test_ours_is_trainings_plan_setup_and_step():
