@@ -122,24 +122,22 @@ class QLoRADDPStrategy(DDPStrategy):
                              "the wrapper.")
         super().__init__(*args, **kwargs)
         self.token_weighted = token_weighted
-        self._trainable: tuple[torch.nn.Module, list[torch.nn.Parameter]] | None = None
+        self._trainable: list[torch.nn.Parameter] = []
 
     def configure_ddp(self) -> None:
-        """No wrapper: start every rank from rank 0's trainable parameters."""
-        self._trainable = None  # found again at the first step of this fit
+        """No wrapper: find the trainable parameters (once a fit: a resume copies into them) and start every rank
+        from rank 0's."""
+        self._trainable = trainable(self.model)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            broadcast_parameters(trainable(self.model))
+            broadcast_parameters(self._trainable)
 
     def optimizer_step(self, optimizer, closure: Callable[[], Any], model=None, **kwargs: Any) -> Any:
         """The step, with the gradients averaged over the ranks right after ``closure``'s backward."""
 
         def closure_then_average() -> Any:
             loss = closure()
-            module = self.lightning_module
-            tokens = getattr(module, "labelled_since_step", None)  # QLoRAModule counts them on the CPU
-            if self._trainable is None or self._trainable[0] is not module:  # once a fit (a resume copies into them)
-                self._trainable = (module, trainable(module))
-            all_reduce_gradients(self._trainable[1], weight=tokens if self.token_weighted else None)
+            tokens = getattr(self.lightning_module, "labelled_since_step", None)  # QLoRAModule counts them on the CPU
+            all_reduce_gradients(self._trainable, weight=tokens if self.token_weighted else None)
             return loss
 
         return super().optimizer_step(optimizer, closure_then_average, model, **kwargs)
