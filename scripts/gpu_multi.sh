@@ -14,6 +14,13 @@ set -u
 OUT=${OUT:?set OUT}; mkdir -p "$OUT"; PY=python3; W=/tmp/multi; mkdir -p $W; START=$(date +%s)
 log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.txt"; }
 fit() { "$PY" -m lit_llama_lab.cli fit --config configs/emoji.yaml "$@"; }
+replay_cache() {  # the replay answers, generated once per host (a fit would otherwise pay for them): GPU $1, timeout $2
+  CUDA_VISIBLE_DEVICES=$1 timeout "$2" "$PY" -c "
+from lit_llama_lab.data.datamodule import ChatDataModule
+from lit_llama_lab.data.replay import ReplayArgs
+d = ChatDataModule(source='emoji', tokenizer='smollm2-135m', batch_size=32, max_seq_length=512, test_fraction=0.2, val_fraction=0.02, replay=ReplayArgs(ratio=0.2, model='smollm2-135m'))
+d.prepare_data()" > $W/replay.log 2>&1; log "replay cache rc=$?"
+}
 ev() { local t=$1; shift; timeout "$t" "$PY" -m lit_llama_lab.cli evaluate --batch_size 400 "$@"; }
 evals() {  # one line per evaluation report under runs/eval
   "$PY" - <<'PY'
@@ -32,12 +39,7 @@ emoji)
   "$PY" -c "import torch, transformers, peft, bitsandbytes, lightning; print(torch.__version__, transformers.__version__, peft.__version__, bitsandbytes.__version__, lightning.__version__)" >> "$OUT/summary.txt" 2>&1
   NG=$(nvidia-smi -L | wc -l); G1=$(( NG > 1 ? 1 : 0 ))
   (CUDA_VISIBLE_DEVICES=0 timeout 200 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/gpu > $W/gpu-tests.log 2>&1; echo "pytest rc=$?" >> $W/gpu-tests.log) &
-  # the replay answers, generated once per host (a fit would otherwise pay ~35 s for them once)
-  CUDA_VISIBLE_DEVICES=$G1 timeout 150 "$PY" -c "
-from lit_llama_lab.data.datamodule import ChatDataModule
-from lit_llama_lab.data.replay import ReplayArgs
-d = ChatDataModule(source='emoji', tokenizer='smollm2-135m', batch_size=32, max_seq_length=512, test_fraction=0.2, val_fraction=0.02, replay=ReplayArgs(ratio=0.2, model='smollm2-135m'))
-d.prepare_data()" > $W/replay.log 2>&1; log "replay cache rc=$?"
+  replay_cache $G1 150
   wait; tail -n 3 $W/gpu-tests.log | tee -a "$OUT/summary.txt"
   t=$(date +%s); CUDA_VISIBLE_DEVICES=0 timeout 200 bash -c "$(declare -f fit); PY=$PY; fit --trainer.logger.init_args.name one" > $W/fit-one.log 2>&1
   log "1 GPU fit rc=$? wall $(( $(date +%s) - t )) s"; grep -E "Training plan|KL targets|it/s" $W/fit-one.log | tail -n 3 >> "$OUT/summary.txt"
@@ -79,11 +81,7 @@ x2a)
   # the emoji config on 1 GPU (the phase timer of scripts/emoji_experiment.py), on 2 GPUs through Lightning's launcher
   # (rank 1 starts when rank 0 reaches fit) and through torchrun (both ranks start together); the last one evaluated
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv >> "$OUT/summary.txt" 2>&1
-  CUDA_VISIBLE_DEVICES=0 timeout 150 "$PY" -c "
-from lit_llama_lab.data.datamodule import ChatDataModule
-from lit_llama_lab.data.replay import ReplayArgs
-d = ChatDataModule(source='emoji', tokenizer='smollm2-135m', batch_size=32, max_seq_length=512, test_fraction=0.2, val_fraction=0.02, replay=ReplayArgs(ratio=0.2, model='smollm2-135m'))
-d.prepare_data()" > $W/replay.log 2>&1; log "replay cache rc=$?"
+  replay_cache 0 150
   t=$(date +%s); CUDA_VISIBLE_DEVICES=0 EVAL_LIMIT=0 timeout 200 "$PY" scripts/emoji_experiment.py "$OUT/fit-one.json" fit --config configs/emoji.yaml --trainer.logger.init_args.name one > $W/fit-one.log 2>&1
   log "1 GPU fit (emoji_experiment.py) rc=$? wall $(( $(date +%s) - t )) s"
   grep -E '"(train_seconds|data_setup_seconds|steps|validation|first_batches|train_batches|sanity_check|model_load|sample_tables|checkpoint_writes|before_first_batch|after_train_end)"' "$OUT/fit-one.json" | tr -d '\n' >> "$OUT/summary.txt"; echo >> "$OUT/summary.txt"
@@ -100,11 +98,7 @@ x2b)
   # two tr"; "early" runs the early-launch branch's package, copied untracked to EARLY=folder, e.g. .early). The
   # replay cache must exist (PART=pair or x2a first on this host, or REPLAY=1).
   two="--trainer.devices 2 --trainer.strategy ddp --data.global_batch_size 32"
-  [ -n "${REPLAY:-}" ] && { CUDA_VISIBLE_DEVICES=0 timeout 200 "$PY" -c "
-from lit_llama_lab.data.datamodule import ChatDataModule
-from lit_llama_lab.data.replay import ReplayArgs
-d = ChatDataModule(source='emoji', tokenizer='smollm2-135m', batch_size=32, max_seq_length=512, test_fraction=0.2, val_fraction=0.02, replay=ReplayArgs(ratio=0.2, model='smollm2-135m'))
-d.prepare_data()" > $W/replay.log 2>&1; log "replay cache rc=$?"; }
+  [ -n "${REPLAY:-}" ] && { replay_cache 0 200; }
   exp() { local name=$1; shift; local t=$(date +%s); LAUNCH_T0=$(date +%s.%N) EVAL_LIMIT=0 timeout 220 "$@" > $W/x2b-$name.log 2>&1
     log "$name rc=$? wall $(( $(date +%s) - t )) s"; }
   for r in ${RUNS:-one two tr}; do case $r in
@@ -117,11 +111,7 @@ d.prepare_data()" > $W/replay.log 2>&1; log "replay cache rc=$?"; }
   ;;
 pair)
   # the emoji config timed on 1 GPU, then on 2 (Lightning's launcher, the same global batch); the replay cache back too
-  CUDA_VISIBLE_DEVICES=0 timeout 200 "$PY" -c "
-from lit_llama_lab.data.datamodule import ChatDataModule
-from lit_llama_lab.data.replay import ReplayArgs
-d = ChatDataModule(source='emoji', tokenizer='smollm2-135m', batch_size=32, max_seq_length=512, test_fraction=0.2, val_fraction=0.02, replay=ReplayArgs(ratio=0.2, model='smollm2-135m'))
-d.prepare_data()" > $W/replay.log 2>&1; log "replay cache rc=$?"; find /root/llcache -path '*replay*' -name '*.jsonl' -exec cp {} "$OUT/" \;
+  replay_cache 0 200; find /root/llcache -path '*replay*' -name '*.jsonl' -exec cp {} "$OUT/" \;
   t=$(date +%s); CUDA_VISIBLE_DEVICES=0 timeout 200 bash -c "$(declare -f fit); PY=$PY; fit --trainer.logger.init_args.name one" > $W/fit-one.log 2>&1
   log "1 GPU fit rc=$? wall $(( $(date +%s) - t )) s"; grep -E "it/s" $W/fit-one.log | tail -n 1 >> "$OUT/summary.txt"
   t=$(date +%s); timeout 200 bash -c "$(declare -f fit); PY=$PY; fit --trainer.logger.init_args.name two --trainer.devices 2 --trainer.strategy ddp --data.global_batch_size 32" > $W/fit-two.log 2>&1
