@@ -96,18 +96,19 @@ x2b)
   # (seconds from the launch to the end of imports, the CLI built, the data set up, fit started, the first and the
   # last batch, fit returned) on 1 GPU, under Lightning's launcher and under torchrun. RUNS picks them (default "one
   # two tr"; "early" runs the early-launch branch's package, copied untracked to EARLY=folder, e.g. .early). The
-  # replay cache must exist (PART=pair or x2a first on this host, or REPLAY=1).
+  # replay cache must exist (PART=pair or x2a first on this host, or REPLAY=1). PROFILE_TWO=A:B profiles batches A..B
+  # of the Lightning-launcher run on every rank (emoji_experiment.py's PROFILE_STEPS: GPU busy share, host waits).
   two="--trainer.devices 2 --trainer.strategy ddp --data.global_batch_size 32"
   [ -n "${REPLAY:-}" ] && { replay_cache 0 200; }
   exp() { local name=$1; shift; local t=$(date +%s); LAUNCH_T0=$(date +%s.%N) EVAL_LIMIT=0 timeout 220 "$@" > $W/x2b-$name.log 2>&1
     log "$name rc=$? wall $(( $(date +%s) - t )) s"; }
   for r in ${RUNS:-one two tr}; do case $r in
     one) CUDA_VISIBLE_DEVICES=0 exp one "$PY" scripts/emoji_experiment.py "$OUT/x2b-one.json" fit --config configs/emoji.yaml --trainer.logger.init_args.name x2b-one ;;
-    two) exp two "$PY" scripts/emoji_experiment.py "$OUT/x2b-two.json" fit --config configs/emoji.yaml --trainer.logger.init_args.name x2b-two $two ;;
+    two) PROFILE_STEPS=${PROFILE_TWO:-} exp two "$PY" scripts/emoji_experiment.py "$OUT/x2b-two.json" fit --config configs/emoji.yaml --trainer.logger.init_args.name x2b-two $two ;;
     tr) exp tr torchrun --standalone --nproc-per-node 2 scripts/emoji_experiment.py "$OUT/x2b-tr.json" fit --config configs/emoji.yaml --trainer.logger.init_args.name x2b-tr $two ;;
     early) PYTHONPATH=$PWD/${EARLY:?}:$PYTHONPATH exp early "$PY" scripts/emoji_experiment.py "$OUT/x2b-early.json" fit --config configs/emoji.yaml --trainer.logger.init_args.name x2b-early $two ;;
   esac; done
-  for f in "$OUT"/x2b-*.json*; do "$PY" -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1].split('/')[-1], d['marks'], {k: round(v, 1) for k, v in d['phases'].items()})" "$f"; done >> "$OUT/summary.txt"
+  for f in "$OUT"/x2b-*.json*; do "$PY" -c "import json,sys; d=json.load(open(sys.argv[1])); print(sys.argv[1].split('/')[-1], d['marks'], {k: round(v, 1) for k, v in d['phases'].items()}, d.get('profile'))" "$f"; done >> "$OUT/summary.txt"
   ;;
 pair)
   # the emoji config timed on 1 GPU, then on 2 (Lightning's launcher, the same global batch); the replay cache back too

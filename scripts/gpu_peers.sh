@@ -6,6 +6,9 @@
 #   .whl4 into /tmp/site (beside our stack: transformers 5.24, datasets 5.2);
 #   .whl3 into /tmp/unsloth-site with .whl's wheels except datasets and transformers, so Unsloth gets the host's
 #   transformers 5.17 and its own datasets 4.8.5; the unsloth bench runs with PYTHONPATH=/tmp/unsloth-site:$PWD:/root/smol/site-packages only.
+# STAGE=1: the synthetic bench (baseline, ours, trl, trl+liger; GPU 0) with the peer GPU tests beside it (TEST_GPU=1 on a
+# two-GPU host, else after it); STAGE=2: Unsloth's bench path, then the FineTome projection (ours, baseline+amp,
+# trl+liger; Unsloth in its own process). Default: both (more than one device call allows on a cold host).
 set -u
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 UNSLOTH_COMPILE_LOCATION=/tmp/unsloth_cc
 OUT=${OUT:?set OUT}; mkdir -p "$OUT" /root/gpu/whl3 /root/gpu/whl4; PY=python3; START=$(date +%s)
@@ -13,7 +16,7 @@ log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.txt"; }
 for d in whl3 whl4; do [ -d .$d ] && cp .$d/*.whl /root/gpu/$d/; done
 ls /root/gpu/whl4/*.whl >/dev/null 2>&1 && "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site --upgrade /root/gpu/whl4/*.whl 2>&1 | grep -v -i warn
 "$PY" -c "import trl, liger_kernel.transformers; print('trl', trl.__version__)" >> "$OUT/summary.txt" 2>&1
-if ls /root/gpu/whl3/*.whl >/dev/null 2>&1; then  # .whl first, then .whl3 over it (dill, multiprocess: its versions)
+if ls /root/gpu/whl3/*.whl >/dev/null 2>&1 && { [ -d .whl3 ] || [ ! -d /tmp/unsloth-site/unsloth ]; }; then  # .whl first, then .whl3 over it (dill, multiprocess: its versions)
   rm -rf /tmp/unsloth-site
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/unsloth-site \
     $(ls /root/gpu/whl/*.whl | grep -v -E '/(datasets|transformers)-') 2>&1 | grep -v -i warn
@@ -22,14 +25,29 @@ fi
 US=/tmp/unsloth-site:$PWD:/root/smol/site-packages  # Unsloth's PYTHONPATH: the host's transformers 5.17, not /tmp/site's
 PYTHONPATH=$US "$PY" -c "import unsloth, transformers; print('unsloth', unsloth.__version__, 'transformers', transformers.__version__)" >> "$OUT/summary.txt" 2>&1
 log "installed"
-timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/gpu/test_peers.py > "$OUT/peer-tests.log" 2>&1; log "peer tests rc=$? $(tail -n 1 "$OUT/peer-tests.log")"
-timeout 420 "$PY" -m lit_llama_lab.cli bench --shape llama-3.2-1b --paths baseline,ours+varlen+compile+graphs,trl,trl+liger \
+case ${STAGE:-all} in all|1)
+# the synthetic 1B bench on GPU 0 (each path its own process); the TRL/Liger GPU tests on GPU 1 meanwhile, then Unsloth's
+(CUDA_VISIBLE_DEVICES=${TEST_GPU:-0} timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/gpu/test_peers.py > "$OUT/peer-tests.log" 2>&1
+ echo "peer tests rc=$? $(tail -n 1 "$OUT/peer-tests.log")" >> "$OUT/tests.txt"
+ # unsloth imported before anything imports transformers: its test through pytest.main
+ CUDA_VISIBLE_DEVICES=${TEST_GPU:-0} PYTHONPATH=$US timeout 240 "$PY" -c "import unsloth, sys, pytest; sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/gpu/test_peers.py', '-k', 'unsloth']))" \
+  > "$OUT/unsloth-test.log" 2>&1; echo "unsloth test rc=$? $(tail -n 1 "$OUT/unsloth-test.log")" >> "$OUT/tests.txt") &
+[ "${TEST_GPU:-0}" = 0 ] && wait
+CUDA_VISIBLE_DEVICES=0 timeout ${BENCH_TIMEOUT:-480} "$PY" -m lit_llama_lab.cli bench --shape llama-3.2-1b --paths baseline,ours+varlen+compile+graphs,trl,trl+liger \
   --output "$OUT/bench-peers.json" > "$OUT/bench-peers.log" 2>&1; log "bench rc=$?"; tail -n 7 "$OUT/bench-peers.log" >> "$OUT/summary.txt"
-# unsloth imported before anything imports transformers: its test through pytest.main, its bench path isolated (the
-# child imports unsloth first)
-PYTHONPATH=$US timeout 240 "$PY" -c "import unsloth, sys, pytest; sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/gpu/test_peers.py', '-k', 'unsloth']))" \
-  > "$OUT/unsloth-test.log" 2>&1; log "unsloth test rc=$? $(tail -n 1 "$OUT/unsloth-test.log")"
-PYTHONPATH=$US timeout 300 "$PY" -c "import unsloth; from lit_llama_lab.cli import main; main()" bench --shape llama-3.2-1b \
+wait; cat "$OUT/tests.txt" >> "$OUT/summary.txt" ;;
+esac
+case ${STAGE:-all} in all|2)
+# Unsloth's bench path isolated (the child imports unsloth first); then the FineTome projection: ours, the plain stack
+# under autocast and TRL+Liger in one process, Unsloth in its own
+CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$US timeout 240 "$PY" -c "import unsloth; from lit_llama_lab.cli import main; main()" bench --shape llama-3.2-1b \
   --paths unsloth --isolate true --output "$OUT/bench-unsloth.json" > "$OUT/bench-unsloth.log" 2>&1; log "unsloth bench rc=$?"
 tail -n 4 "$OUT/bench-unsloth.log" >> "$OUT/summary.txt"
+CUDA_VISIBLE_DEVICES=0 timeout 200 "$PY" -m lit_llama_lab.cli bench --shape llama-3.2-1b --workload finetome \
+  --paths baseline+amp,ours+varlen+compile+graphs,trl+liger --steps 200 --warmup 20 --output "$OUT/finetome.json" > "$OUT/finetome.log" 2>&1
+log "finetome rc=$?"; tail -n 6 "$OUT/finetome.log" >> "$OUT/summary.txt"
+CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$US timeout 150 "$PY" -c "import unsloth; from lit_llama_lab.cli import main; main()" bench --shape llama-3.2-1b \
+  --workload finetome --paths unsloth --steps 200 --warmup 20 --output "$OUT/finetome-unsloth.json" > "$OUT/finetome-unsloth.log" 2>&1
+log "finetome unsloth rc=$?"; tail -n 3 "$OUT/finetome-unsloth.log" >> "$OUT/summary.txt" ;;
+esac
 log "done"
