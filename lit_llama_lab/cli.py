@@ -11,6 +11,11 @@ import typing
 # Hub libraries must never reach for the network unless the user asks for a hub id with the network on.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+if __name__ == "__main__":  # python -m lit_llama_lab.cli fit ...: a multi-GPU fit's other ranks start before the imports
+    from lit_llama_lab.launch import start_ranks_early
+
+    start_ranks_early()
+
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from lit_llama_lab.data.datamodule import ChatDataModule  # noqa: E402
@@ -109,12 +114,20 @@ def main(args: list[str] | None = None) -> None:
     if argv and argv[0] in TOOLS:
         run_tool(argv[0], argv[1:])
         return
-    LabCLI(
-        QLoRAModule,
-        ChatDataModule,
-        args=args,
-        save_config_kwargs={"overwrite": True},
-    )
+    from lit_llama_lab import launch
+
+    launch.watch_started_ranks()  # ranks started before the imports (lit_llama_lab.launch) stop with a failing one
+    try:
+        LabCLI(
+            QLoRAModule,
+            ChatDataModule,
+            args=args,
+            save_config_kwargs={"overwrite": True},
+        )
+    except BaseException as error:
+        if not (isinstance(error, SystemExit) and error.code in (0, None)):
+            launch.stop_started_ranks()  # rank 0 failed before the process group: they would wait for it there
+        raise
 
 
 if __name__ == "__main__":

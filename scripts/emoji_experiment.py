@@ -19,6 +19,10 @@ import time
 
 IMPORT_T0 = time.time()  # before the heavy imports below
 
+from lit_llama_lab.launch import start_ranks_early  # noqa: E402  (standard library and PyYAML only)
+
+start_ranks_early(sys.argv[2:])  # a multi-GPU fit's other ranks, before the imports, as `lit-llama-lab fit` does
+
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 

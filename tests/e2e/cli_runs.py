@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from lit_llama_lab.launch import EARLY_STRATEGIES
+
 ROOT = Path(__file__).resolve().parents[2]
 STEPS, BATCH = 4, 8
 
@@ -93,6 +95,9 @@ def train(run_dir: Path, source: Path, devices: int, strategy: str = "ddp", step
     work.mkdir()
     done = subprocess.run(args, cwd=work, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    early = f"Started ranks 1-{devices - 1} of {devices} before loading torch and Lightning" in done.stderr
+    # the CLI starts this project's strategies' ranks before its imports (lit_llama_lab.launch); others: Lightning
+    assert early == (devices > 1 and strategy in EARLY_STRATEGIES), done.stderr[-3000:]
     meta = json.loads((run_dir / "checkpoints" / "last" / "lit_llama_lab.json").read_text())
     assert meta["global_step"] == steps
     return load_file(run_dir / "checkpoints" / "last" / "adapter_model.safetensors")
