@@ -40,6 +40,20 @@ def document_lengths(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.tensor(lengths, dtype=torch.int32)
 
 
+def one_packed_row(batch: dict) -> dict:
+    """A bench batch as TRL's padding-free collator hands it to Unsloth: every row's tokens back to back in one row
+    ``[1, tokens]``, padding dropped, ``packed_seq_lengths`` summing to the row's length, and the label of each
+    document's first token ignored (Unsloth's collator masks that boundary, where a document's last token would
+    predict the next document's first). Unsloth's packed attention reads the lengths over the whole batch, so rows of
+    ``[rows, width]`` with lengths over all rows do not fit it."""
+    from lit_llama_lab.data.masking import IGNORE_INDEX
+
+    keep = batch["document_ids"] >= 0 if "document_ids" in batch else torch.ones_like(batch["input_ids"], dtype=torch.bool)
+    row = {k: batch[k][keep].unsqueeze(0) for k in ("input_ids", "position_ids", "labels")}
+    row["labels"] = row["labels"].masked_fill(row["position_ids"] == 0, IGNORE_INDEX)
+    return {**row, "packed_seq_lengths": document_lengths(row["position_ids"])}
+
+
 def _inputs(batch: dict) -> dict:
     """What a peer's forward takes of a bench batch: packed rows with restarting position ids (transformers builds
     the block-diagonal mask from them) and the labels."""
@@ -118,10 +132,11 @@ def build_unsloth(name: str, rank: int, checkpointing: bool, device: torch.devic
         return model(**_inputs(batch), packed_seq_lengths=batch["packed_seq_lengths"]).loss
 
     def prepare(batch: dict) -> dict:  # once, before the timed steps: reading the lengths waits for the GPU
-        return {**batch, "packed_seq_lengths": document_lengths(batch["position_ids"])}
+        return one_packed_row(batch)
 
     loss_fn.runs = (f"Unsloth {unsloth.__version__} FastLanguageModel (load_in_4bit, get_peft_model"
-                    + (", its gradient checkpointing)" if checkpointing else ")") + ", packed_seq_lengths")
+                    + (", its gradient checkpointing)" if checkpointing else ")")
+                    + ", one padding-free row with packed_seq_lengths, as TRL's collator gives it")
     return model, loss_fn, prepare
 
 

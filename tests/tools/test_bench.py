@@ -109,6 +109,28 @@ def test_the_trl_builder_checkpoints_trains_its_adapters_and_honours_the_seed():
     assert document_lengths(positions).tolist() == [3, 2, 1, 6]
 
 
+def test_unsloth_gets_one_padding_free_row_as_trls_collator_gives_it():
+    """Unsloth reads ``packed_seq_lengths`` over the whole batch (on a GPU a [4, 2048] batch with lengths over all
+    8192 tokens failed: "size of tensor a (2048) must match ... (8192)"): its batch is one row of every real token,
+    row after row, padding dropped, lengths summing to the row, each document's first label ignored. Checked on a
+    packed FineTome batch of the data module, with padding."""
+    from lit_llama_lab.data.masking import IGNORE_INDEX
+    from lit_llama_lab.tools.bench_peers import one_packed_row
+    from lit_llama_lab.tools.bench_workload import finetome_batches
+
+    batch = finetome_batches("tiny-random", 1, torch.device("cpu"), batch_size=6, max_seq_length=256)[0][0]
+    real = batch["document_ids"] >= 0
+    assert (~real).any() and batch["input_ids"].shape[0] > 1  # padded rows: the case that matters
+    row = one_packed_row(batch)
+    assert row["input_ids"].shape == (1, int(real.sum()))
+    assert torch.equal(row["input_ids"][0], batch["input_ids"][real])  # row-major: row after row
+    assert int(row["packed_seq_lengths"].sum()) == row["input_ids"].shape[1]
+    assert len(row["packed_seq_lengths"]) == int((batch["position_ids"][real] == 0).sum())
+    starts = row["position_ids"][0] == 0
+    assert (row["labels"][0][starts] == IGNORE_INDEX).all()
+    assert torch.equal(row["labels"][0][~starts], batch["labels"][real][~starts])
+
+
 def test_ours_is_trainings_plan_setup_and_step():
     """The bench's ``ours`` builds with training's builder and steps with training's step, under the plan training
     resolves for the same settings (here: checkpointing on, as the bench gives it, and dequantize_once auto)."""
