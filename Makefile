@@ -66,8 +66,11 @@ test-llamacpp: $(LLAMACPP_STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check lit_llama_lab tests scripts docs
 
+# Without a CUDA GPU the CPU-sized recipe (configs/emoji-cpu.yaml: 4 epochs, replay 0.05), announced; EMOJI_CONFIG=... overrides.
 train-emoji: $(STAMP)
-	$(BIN)/lit-llama-lab fit --config configs/emoji.yaml $(ARGS)
+	@config=$${EMOJI_CONFIG:-$$($(BIN)/python -c "import torch; print('configs/emoji.yaml' if torch.cuda.is_available() else 'configs/emoji-cpu.yaml')")}; \
+	[ "$$config" = configs/emoji-cpu.yaml ] && echo "No CUDA GPU found: training with $$config (the emoji recipe sized for a CPU; README: Train)."; \
+	echo "$(BIN)/lit-llama-lab fit --config $$config $(ARGS)"; $(BIN)/lit-llama-lab fit --config $$config $(ARGS)
 
 train-debug: $(STAMP)
 	$(BIN)/lit-llama-lab fit --config configs/debug.yaml $(ARGS)
