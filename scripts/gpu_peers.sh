@@ -8,7 +8,8 @@
 #   transformers 5.17 and its own datasets 4.8.5; the unsloth bench runs with PYTHONPATH=/tmp/unsloth-site:$PWD:/root/smol/site-packages only.
 # STAGE=1: the synthetic bench (baseline, ours, trl, trl+liger; GPU 0) with the peer GPU tests beside it (TEST_GPU=1 on a
 # two-GPU host, else after it); STAGE=2: Unsloth's bench path, then the FineTome projection (ours, baseline+amp,
-# trl+liger; Unsloth in its own process). Default: both (more than one device call allows on a cold host).
+# trl+liger; Unsloth in its own process). Default: both. PEER_PATHS: stage 1's paths; BENCH_ARGS: more bench options
+# for the synthetic benches (e.g. --loss_steps 0 to time speed only).
 set -u
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 UNSLOTH_COMPILE_LOCATION=/tmp/unsloth_cc
 OUT=${OUT:?set OUT}; mkdir -p "$OUT" /root/gpu/whl3 /root/gpu/whl4; PY=python3; START=$(date +%s)
@@ -33,15 +34,15 @@ case ${STAGE:-all} in all|1)
  CUDA_VISIBLE_DEVICES=${TEST_GPU:-0} PYTHONPATH=$US timeout 240 "$PY" -c "import unsloth, sys, pytest; sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/gpu/test_peers.py', '-k', 'unsloth']))" \
   > "$OUT/unsloth-test.log" 2>&1; echo "unsloth test rc=$? $(tail -n 1 "$OUT/unsloth-test.log")" >> "$OUT/tests.txt") &
 [ "${TEST_GPU:-0}" = 0 ] && wait
-CUDA_VISIBLE_DEVICES=0 timeout ${BENCH_TIMEOUT:-480} "$PY" -m lit_llama_lab.cli bench --shape llama-3.2-1b --paths baseline,ours+varlen+compile+graphs,trl,trl+liger \
+CUDA_VISIBLE_DEVICES=0 timeout ${BENCH_TIMEOUT:-480} "$PY" -m lit_llama_lab.cli bench --shape llama-3.2-1b --paths ${PEER_PATHS:-baseline,ours+varlen+compile+graphs,trl,trl+liger} ${BENCH_ARGS:-} \
   --output "$OUT/bench-peers.json" > "$OUT/bench-peers.log" 2>&1; log "bench rc=$?"; tail -n 7 "$OUT/bench-peers.log" >> "$OUT/summary.txt"
-wait; cat "$OUT/tests.txt" >> "$OUT/summary.txt" ;;
+[ "${STAGE:-all}" = all ] || { wait; cat "$OUT/tests.txt" >> "$OUT/summary.txt"; } ;;
 esac
 case ${STAGE:-all} in all|2)
 # Unsloth's bench path isolated (the child imports unsloth first); then the FineTome projection: ours, the plain stack
 # under autocast and TRL+Liger in one process, Unsloth in its own
-CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$US timeout 240 "$PY" -c "import unsloth; from lit_llama_lab.cli import main; main()" bench --shape llama-3.2-1b \
-  --paths unsloth --isolate true --output "$OUT/bench-unsloth.json" > "$OUT/bench-unsloth.log" 2>&1; log "unsloth bench rc=$?"
+CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$US timeout ${UNSLOTH_TIMEOUT:-240} "$PY" -c "import unsloth; from lit_llama_lab.cli import main; main()" bench --shape llama-3.2-1b \
+  --paths unsloth ${BENCH_ARGS:-} --isolate true --output "$OUT/bench-unsloth.json" > "$OUT/bench-unsloth.log" 2>&1; log "unsloth bench rc=$?"
 tail -n 4 "$OUT/bench-unsloth.log" >> "$OUT/summary.txt"
 CUDA_VISIBLE_DEVICES=0 timeout 200 "$PY" -m lit_llama_lab.cli bench --shape llama-3.2-1b --workload finetome \
   --paths baseline+amp,ours+varlen+compile+graphs,trl+liger --steps 200 --warmup 20 --output "$OUT/finetome.json" > "$OUT/finetome.log" 2>&1
@@ -50,4 +51,5 @@ CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$US timeout 150 "$PY" -c "import unsloth; from
   --workload finetome --paths unsloth --steps 200 --warmup 20 --output "$OUT/finetome-unsloth.json" > "$OUT/finetome-unsloth.log" 2>&1
 log "finetome unsloth rc=$?"; tail -n 3 "$OUT/finetome-unsloth.log" >> "$OUT/summary.txt" ;;
 esac
+wait; [ "${STAGE:-all}" = all ] && cat "$OUT/tests.txt" >> "$OUT/summary.txt"
 log "done"
