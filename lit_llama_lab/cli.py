@@ -18,12 +18,11 @@ if __name__ == "__main__":  # python -m lit_llama_lab.cli fit ...: a multi-GPU f
 
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
+from lit_llama_lab import launch  # noqa: E402
 from lit_llama_lab.data.datamodule import ChatDataModule  # noqa: E402
+from lit_llama_lab.launch import STRATEGIES  # noqa: E402  (--trainer.strategy ddp/fsdp: this project's classes)
 from lit_llama_lab.train.module import QLoRAModule  # noqa: E402
 
-FSDP_STRATEGY = "lit_llama_lab.model.fsdp.QLoRAFSDPStrategy"
-DDP_STRATEGY = "lit_llama_lab.train.ddp.QLoRADDPStrategy"
-STRATEGIES = {"fsdp": FSDP_STRATEGY, "ddp": DDP_STRATEGY}  # names the CLI maps to this project's strategies
 STOPPED_BY_SIGTERM = 128 + signal.SIGTERM  # the exit status of a run a scheduler stopped: 143, never 0
 # Subcommands that are not Trainer methods: name -> "module:function" run through jsonargparse.
 TOOLS = {
@@ -114,8 +113,6 @@ def main(args: list[str] | None = None) -> None:
     if argv and argv[0] in TOOLS:
         run_tool(argv[0], argv[1:])
         return
-    from lit_llama_lab import launch
-
     launch.watch_started_ranks()  # ranks started before the imports (lit_llama_lab.launch) stop with a failing one
     try:
         LabCLI(

@@ -25,8 +25,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# the strategies whose ranks start here: the CLI's names and this project's classes (see lit_llama_lab.cli.STRATEGIES)
-EARLY_STRATEGIES = {"ddp", "fsdp", "lit_llama_lab.train.ddp.QLoRADDPStrategy", "lit_llama_lab.model.fsdp.QLoRAFSDPStrategy"}
+FSDP_STRATEGY = "lit_llama_lab.model.fsdp.QLoRAFSDPStrategy"
+DDP_STRATEGY = "lit_llama_lab.train.ddp.QLoRADDPStrategy"
+STRATEGIES = {"fsdp": FSDP_STRATEGY, "ddp": DDP_STRATEGY}  # names the CLI maps to this project's strategies
+EARLY_STRATEGIES = {*STRATEGIES, *STRATEGIES.values()}  # the strategies whose ranks start here: names and classes
 # a process launched by someone else (Lightning, torchrun, SLURM, LSF, MPI): it starts no ranks
 EXTERNAL_ENV = ("LOCAL_RANK", "TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "LSB_JOBID", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 TRAINER_KEYS = ("devices", "strategy", "num_nodes")
@@ -160,10 +162,3 @@ def stop_started_ranks() -> None:
         if proc.poll() is None:
             proc.kill()
 
-
-def main() -> None:
-    """Entry point of the ``lit-llama-lab`` console script: the other ranks first, then the CLI."""
-    start_ranks_early()
-    from lit_llama_lab.cli import main as cli_main
-
-    cli_main()

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 from lit_llama_lab.tools.bench_paths import runs, shape_model, split_amp, step_flops
-from lit_llama_lab.train.ddp import all_reduce_gradients
+from lit_llama_lab.train.ddp import GradientBucket
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 spec sheets
 
@@ -31,15 +31,16 @@ def train_steps(model, loss_fn: Callable, batches: list[dict], device: torch.dev
     optimizer = getattr(model, "_bench_optimizer", None) or torch.optim.AdamW(params, lr=2e-4,
                                                                               fused=device.type == "cuda")
     model._bench_optimizer = optimizer
+    bucket = getattr(model, "_bench_bucket", None) or (GradientBucket(params) if distributed() else None)
+    model._bench_bucket = bucket  # made once, as QLoRADDPStrategy makes it at setup
     model.train()
     losses = []
-    in_group = distributed()
     for batch in batches:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
             loss = loss_fn(batch)
         loss.backward()
-        if in_group:  # what QLoRADDPStrategy does after each step's backward
-            all_reduce_gradients(params)
+        if bucket is not None:  # what QLoRADDPStrategy does after each step's backward
+            bucket.all_reduce()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.detach())

@@ -11,7 +11,7 @@ each rank keeps its graphed forward and backward. :class:`QLoRADDPStrategy` ther
   from the same adapters;
 * after each optimizer step's closure (forward and backward of the step's last micro-batch, under accumulation
   after all of them) the gradients of all trainable parameters are combined over the ranks in one flat all-reduce
-  (:func:`all_reduce_gradients`), before clipping and the optimizer see them, each rank weighted by its share of the
+  (:meth:`GradientBucket.all_reduce`), before clipping and the optimizer see them, each rank weighted by its share of the
   step's labelled tokens: the gradient of one process holding every rank's batch (torch's DDP takes the plain mean
   of the ranks' mean losses, which weighs a token of a short batch more than one of a long batch).
 
@@ -72,7 +72,13 @@ class GradientBucket:
             offset += n
 
     def all_reduce(self, group=None, weight: float | None = None) -> None:
-        """Combine the parameters' ``.grad`` over the ranks of ``group`` (see :func:`all_reduce_gradients`)."""
+        """Combine the parameters' ``.grad`` over the ranks of ``group`` in one all-reduce (a parameter without a
+        gradient contributes zeros, so every rank makes the same collective calls).
+
+        Without ``weight``: the mean over the ranks, as DDP. With ``weight`` (this rank's labelled tokens in the
+        step): each rank's gradient of its mean loss counts by its share of all ranks' tokens,
+        ``sum_r w_r g_r / sum_r w_r``: the gradient of the mean over every token of the step, what one process with
+        the combined batch computes (the weight rides in the same all-reduce; no host sync)."""
         import torch.distributed as dist
 
         world = dist.get_world_size(group)
@@ -99,19 +105,6 @@ class GradientBucket:
         torch._foreach_copy_(grads, self.views)
 
 
-def all_reduce_gradients(params: Iterable[torch.nn.Parameter], group=None, weight: float | None = None,
-                         bucket: GradientBucket | None = None) -> None:
-    """Combine ``.grad`` of ``params`` over the ranks of ``group`` in one all-reduce of a flat fp32 buffer
-    (a parameter without a gradient contributes zeros, so every rank makes the same collective calls).
-
-    Without ``weight``: the mean over the ranks, as DDP. With ``weight`` (this rank's labelled tokens in the step):
-    each rank's gradient of its mean loss counts by its share of all ranks' tokens, ``sum_r w_r g_r / sum_r w_r``: the
-    gradient of the mean over every token of the step, what one process with the combined batch computes (the weight
-    rides in the same all-reduce; no host sync). ``bucket``: a :class:`GradientBucket` of ``params`` kept from step
-    to step (made here when not given)."""
-    (bucket or GradientBucket(params)).all_reduce(group, weight)
-
-
 def broadcast_parameters(params: Iterable[torch.nn.Parameter], src: int = 0, group=None) -> None:
     """Copy ``params`` from rank ``src`` to every rank (one flat broadcast per dtype)."""
     import torch.distributed as dist
@@ -126,7 +119,7 @@ class QLoRADDPStrategy(DDPStrategy):
 
     Args:
         token_weighted: weigh each rank's gradient by its share of the step's labelled tokens
-            (:func:`all_reduce_gradients`), so N processes compute the gradient of one process holding all N
+            (:meth:`GradientBucket.all_reduce`), so N processes compute the gradient of one process holding all N
             batches, whatever their lengths; ``False``: the plain mean over the ranks, as torch's DDP. Exact for the
             cross-entropy of one micro-batch a step; the KL term's own token count and gradient accumulation (a mean
             of micro-batch means, as on one GPU) are weighted by the same labelled tokens.
@@ -147,16 +140,14 @@ class QLoRADDPStrategy(DDPStrategy):
                              "the wrapper.")
         super().__init__(*args, **kwargs)
         self.token_weighted = token_weighted
-        self._trainable: list[torch.nn.Parameter] = []
-        self._bucket: GradientBucket | None = None
+        self._bucket: GradientBucket | None = None  # the trainable parameters and their gradient buffer
 
     def configure_ddp(self) -> None:
         """No wrapper: find the trainable parameters (once a fit: a resume copies into them) and start every rank
         from rank 0's."""
-        self._trainable = trainable(self.model)
-        self._bucket = GradientBucket(self._trainable)
+        self._bucket = GradientBucket(trainable(self.model))
         if torch.distributed.is_available() and torch.distributed.is_initialized():
-            broadcast_parameters(self._trainable)
+            broadcast_parameters(self._bucket.params)
 
     def optimizer_step(self, optimizer, closure: Callable[[], Any], model=None, **kwargs: Any) -> Any:
         """The step, with the gradients averaged over the ranks right after ``closure``'s backward."""
@@ -164,7 +155,7 @@ class QLoRADDPStrategy(DDPStrategy):
         def closure_then_average() -> Any:
             loss = closure()
             tokens = getattr(self.lightning_module, "labelled_since_step", None)  # QLoRAModule counts them on the CPU
-            all_reduce_gradients(self._trainable, weight=tokens if self.token_weighted else None, bucket=self._bucket)
+            self._bucket.all_reduce(weight=tokens if self.token_weighted else None)
             return loss
 
         return super().optimizer_step(optimizer, closure_then_average, model, **kwargs)
