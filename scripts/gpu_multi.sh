@@ -8,6 +8,7 @@
 #   PART=x2a    the emoji config on 1 GPU (phase timer) and on 2 (Lightning's launcher, torchrun).
 #   PART=x2b    the emoji config's time outside the steps, per rank (1 GPU, Lightning's launcher, torchrun).
 #   PART=pair   the emoji config timed on 1 GPU and on 2 (Lightning's launcher), nothing else.
+#   PART=style  the emoji config with --data.answer_style ${STYLE:-name_no_copy}, timed and evaluated (issue 16's eos).
 #   PART=evals  after x2a: its 1- and 2-GPU adapters evaluated (strict emoji + general suite), the GPU tests beside.
 #   PART=fsdp3b a Llama-3.2-3B-shaped model on 2 GPUs, DDP against FSDP (peak memory), the FSDP checkpoint resumed on 1.
 set -u
@@ -117,6 +118,17 @@ pair)
   log "1 GPU fit rc=$? wall $(( $(date +%s) - t )) s"; grep -E "it/s" $W/fit-one.log | tail -n 1 >> "$OUT/summary.txt"
   t=$(date +%s); timeout 200 bash -c "$(declare -f fit); PY=$PY; fit --trainer.logger.init_args.name two --trainer.devices 2 --trainer.strategy ddp --data.global_batch_size 32" > $W/fit-two.log 2>&1
   log "2 GPU fit rc=$? wall $(( $(date +%s) - t )) s"; grep -E "it/s" $W/fit-two.log | tail -n 1 >> "$OUT/summary.txt"
+  ;;
+style)
+  # issue 16's eos: the default emoji config with --data.answer_style ${STYLE:-name_no_copy} (the answer does not
+  # start by copying the emoji), timed, then evaluated as PART=emoji does; every answer without eos copied to $OUT
+  st=${STYLE:-name_no_copy}; t=$(date +%s)
+  CUDA_VISIBLE_DEVICES=0 timeout 200 bash -c "$(declare -f fit); PY=$PY; fit --trainer.logger.init_args.name $st --data.answer_style $st" > $W/fit-$st.log 2>&1
+  log "$st fit rc=$? wall $(( $(date +%s) - t )) s"; grep -E "Training plan|KL targets|it/s" $W/fit-$st.log | tail -n 3 >> "$OUT/summary.txt"
+  CUDA_VISIBLE_DEVICES=0 ev 230 --model runs/$st/checkpoints/last --answer_style $st --suite '[emoji,general]' --split '[train,test]' --wordings '[train,heldout]' --limit 800 > $W/ev-$st.log 2>&1
+  log "eval rc=$?"; evals >> "$OUT/summary.txt" 2>&1
+  cat runs/eval/*/answers.jsonl | grep '"stopped": false' > "$OUT/runons.jsonl"; wc -l < "$OUT/runons.jsonl" >> "$OUT/summary.txt"
+  for f in runs/eval/*/report.md; do echo "== $f"; head -c 2500 "$f"; done > "$OUT/reports.md" 2>&1
   ;;
 evals)
   # after x2a on the same host: the 1-GPU and the 2-GPU (CLI) adapters evaluated one after the other on GPU 0, the

@@ -48,6 +48,21 @@ def test_answers_name_the_emoji_and_flags_spell_their_letters():
                     {"role": "assistant", "content": "🎂 is the birthday cake emoji."}]
 
 
+def test_the_no_copy_style_never_repeats_the_emoji_and_every_answer_scores_as_its_own_name(smol_tokenizer):
+    from lit_llama_lab.tasks.emoji.scoring import names_emoji
+
+    rows = build_emoji_rows()
+    by_char = {r["character"]: r for r in rows}
+    assert emoji_answer(by_char["🐼"], "name_no_copy") == "That is the panda emoji."
+    assert emoji_answer(by_char["🇩🇿"], "name_no_copy") == "Its letters are DZ: it is the flag: Algeria emoji."
+    assert all(r["character"] not in emoji_answer(r, "name_no_copy") for r in rows)
+    assert all(names_emoji(emoji_answer(r, "name_no_copy"), r["short description"]) for r in rows)
+    # why the style exists: the emoji after the question's space and at the answer's start are different tokens
+    tok = smol_tokenizer
+    spaced, leading = tok(" \u21a9\ufe0f", add_special_tokens=False).input_ids, tok("\u21a9\ufe0f", add_special_tokens=False).input_ids
+    assert not set(spaced[:1]) & set(leading)
+
+
 def test_heldout_wordings_never_used_in_training():
     assert not set(HELDOUT_WORDINGS) & set(TRAIN_WORDINGS)
     assert all("{e}" in w for w in HELDOUT_WORDINGS + TRAIN_WORDINGS)

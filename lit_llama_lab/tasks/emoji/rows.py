@@ -107,7 +107,7 @@ def flag_letters(character: str) -> str | None:
     return None
 
 
-ANSWER_STYLES = ("name", "name_fact", "description")
+ANSWER_STYLES = ("name", "name_fact", "name_no_copy", "description")
 
 
 def row_fact(row: dict) -> str | None:
@@ -122,7 +122,14 @@ def row_fact(row: dict) -> str | None:
 
 def emoji_answer(row: dict, style: str = "name") -> str:
     """The assistant's answer: ``name`` is "{e} is the {short description} emoji.", ``name_fact`` the same followed
-    by one short true sentence from the row (:func:`row_fact`), ``description`` the full LLM description column.
+    by one short true sentence from the row (:func:`row_fact`), ``name_no_copy`` the name without repeating the
+    emoji ("That is the panda emoji."; flags: "Its letters are DZ: it is the flag: Algeria emoji."), ``description``
+    the full LLM description column.
+
+    Why ``name_no_copy``: the question has the emoji after a space and the answer starts with it, and for some emoji
+    the two are different tokens ("What is ↩️?" holds " ↩" as one token, the answer "↩️" two others). For an emoji
+    whose spaced token no training question holds, the copy that starts the answer has nothing to go on, and the
+    answer can run on instead of ending.
 
     The one surprising thing: a flag's answer first spells its two regional-indicator letters ("🇩🇿 (DZ) is the
     flag: Algeria emoji."). Spelling the letters is one small mapping shared by every flag, and the model already
@@ -136,6 +143,10 @@ def emoji_answer(row: dict, style: str = "name") -> str:
         answer = f"{row['character']}{code} is the {row['short description']} emoji."
         fact = row_fact(row) if style == "name_fact" else None
         return f"{answer} {fact}" if fact else answer
+    if style == "name_no_copy":
+        letters = flag_letters(row["character"])
+        lead = f"Its letters are {letters}: it is" if letters else "That is"
+        return f"{lead} the {row['short description']} emoji."
     raise ValueError(f"Unknown emoji answer style {style!r}: use one of {', '.join(ANSWER_STYLES)}.")
 
 
