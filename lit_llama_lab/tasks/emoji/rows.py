@@ -126,14 +126,10 @@ def emoji_answer(row: dict, style: str = "name") -> str:
     emoji ("That is the panda emoji."; flags: "Its letters are DZ: it is the flag: Algeria emoji."), ``description``
     the full LLM description column.
 
-    Why ``name_no_copy``: the question has the emoji after a space and the answer starts with it, and for some emoji
-    the two are different tokens ("What is ↩️?" holds " ↩" as one token, the answer "↩️" two others). For an emoji
-    whose spaced token no training question holds, the copy that starts the answer has nothing to go on, and the
-    answer can run on instead of ending.
-
-    The one surprising thing: a flag's answer first spells its two regional-indicator letters ("🇩🇿 (DZ) is the
-    flag: Algeria emoji."). Spelling the letters is one small mapping shared by every flag, and the model already
-    knows country codes, so it names flags it never trained on instead of memorising 258 look-alikes.
+    ``name_no_copy`` was tried against the few answers that run on instead of ending (↩️, ©️: an emoji whose
+    question token, such as " ↩", no training question holds). It did not remove them: on one H200, 2 of 3 runs
+    ended every answer, the third did not ([retention.md](docs/retention.md#answer-styles)); ``name`` stays the
+    default.
     """
     if style == "description":
         return row["LLM description"]
