@@ -14,7 +14,10 @@ import time
 import torch
 
 from lit_llama_lab.tools.bench_paths import (
-    path_options, shape_model, step_flops, synthetic_batch,
+    path_options,
+    shape_model,
+    step_flops,
+    synthetic_batch,
 )
 
 FAMILIES = (("triton (compiled)", ("triton",)),  # first: a compiled kernel's fused name can hold "gemm_4bit"

@@ -59,7 +59,8 @@ def test_the_no_copy_style_never_repeats_the_emoji_and_every_answer_scores_as_it
     assert all(names_emoji(emoji_answer(r, "name_no_copy"), r["short description"]) for r in rows)
     # what the style was built around: the emoji after the question's space and at the answer's start differ as tokens
     tok = smol_tokenizer
-    spaced, leading = tok(" \u21a9\ufe0f", add_special_tokens=False).input_ids, tok("\u21a9\ufe0f", add_special_tokens=False).input_ids
+    spaced = tok(" \u21a9\ufe0f", add_special_tokens=False).input_ids
+    leading = tok("\u21a9\ufe0f", add_special_tokens=False).input_ids
     assert not set(spaced[:1]) & set(leading)
 
 

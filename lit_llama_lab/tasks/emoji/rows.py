@@ -127,9 +127,9 @@ def emoji_answer(row: dict, style: str = "name") -> str:
     the full LLM description column.
 
     ``name_no_copy`` was tried against the few answers that run on instead of ending (↩️, ©️: an emoji whose
-    question token, such as " ↩", no training question holds). It did not remove them: on one H200, 2 of 3 runs
-    ended every answer, the third did not ([retention.md](docs/retention.md#answer-styles)); ``name`` stays the
-    default.
+    question token, such as " ↩", no training question holds). It did not remove them: on one H200, 3 of 4 runs
+    ended every answer, the fourth did not ([retention.md](docs/retention.md#the-answers-that-do-not-end-2026-12-01));
+    ``name`` stays the default.
     """
     if style == "description":
         return row["LLM description"]
