@@ -31,7 +31,9 @@ def _bucket_rank(rank: int, init_file: str, queue) -> None:
             b.grad = torch.full((4,), float(10 * (rank + 1)), dtype=torch.bfloat16)
             unused.grad = None
             bucket.all_reduce(weight=(1.0 if rank == 0 else 3.0) if weighted else None)
-            results.append((a.grad.clone(), b.grad.clone(), unused.grad.clone()))
+            # plain lists, not tensors: a tensor sent through the queue shares its storage by a file descriptor the
+            # parent fetches from this process, which may have exited by then
+            results.append([(str(g.dtype).removeprefix("torch."), g.tolist()) for g in (a.grad, b.grad, unused.grad)])
         queue.put((rank, results))
     finally:
         dist.destroy_process_group()
@@ -48,7 +50,8 @@ def test_gradient_bucket_averages_by_token_weight_step_after_step(tmp_path):
     procs = [ctx.Process(target=_bucket_rank, args=(r, str(tmp_path / "init"), queue)) for r in range(2)]
     for p in procs:
         p.start()
-    out = dict(queue.get(timeout=120) for _ in procs)
+    out = {rank: [[torch.tensor(values, dtype=getattr(torch, dtype)) for dtype, values in step] for step in steps]
+           for rank, steps in (queue.get(timeout=120) for _ in procs)}
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
