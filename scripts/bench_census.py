@@ -8,17 +8,11 @@ against the GPU busy time.
 """
 
 import collections
+import os
 import sys
 import time
 
 import torch
-
-from lit_llama_lab.tools.bench_paths import (
-    path_options,
-    shape_model,
-    step_flops,
-    synthetic_batch,
-)
 
 FAMILIES = (("triton (compiled)", ("triton",)),  # first: a compiled kernel's fused name can hold "gemm_4bit"
             ("dequantize", ("dequant", "kgetabsmax")), ("4-bit gemm", ("gemm_4bit", "gemv_4bit")),
@@ -28,45 +22,18 @@ FAMILIES = (("triton (compiled)", ("triton",)),  # first: a compiled kernel's fu
             ("reduce", ("reduce", "norm")), ("elementwise", ("elementwise", "vectorized")))
 
 
-def main() -> None:
-    path = sys.argv[1] if len(sys.argv) > 1 else "ours+varlen+compile"
-    steps = int(sys.argv[2]) if len(sys.argv) > 2 else 3
-    import os
-
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    shape = os.environ.get("CENSUS_SHAPE", "llama-3.2-1b")
-    seq, docs = (2048, 512) if shape != "tiny" else (64, 32)
-    name = shape_model(shape)
-    builder, options = path_options(path, {})
-    options = {k: v for k, v in options.items() if k != "amp"}
-    options["cuda_graphs"] = False
-    model, loss_fn, _ = builder(name, 16, True, device, 0, **options)
-    batch = synthetic_batch(model.config.vocab_size, 4, seq, docs, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=2e-4, fused=cuda)
-
-    def step():
-        loss_fn(batch).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    for _ in range(5):
-        step()
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    sync()
-    start = time.perf_counter()
-    for _ in range(10):
-        step()
-    sync()
-    ms = (time.perf_counter() - start) / 10 * 1000
+def profile_kernels(run, steps: int) -> tuple[dict, dict]:
+    """Profile ``steps`` calls of ``run`` (one training step each): ``(by_name, by_family)``, each mapping to
+    ``[kernel count, microseconds]`` summed over the steps. On a GPU the CUDA kernels; on a CPU the leaf ops."""
     from torch.profiler import ProfilerActivity, profile
 
+    cuda = torch.cuda.is_available()
     kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
     with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
-            step()
-        sync()
+            run()
+        if cuda:
+            torch.cuda.synchronize()
     by_name = collections.defaultdict(lambda: [0, 0.0])
     for e in prof.events():
         if e.device_type == kind and (cuda or not e.cpu_children):  # CPU: leaf ops only
@@ -78,16 +45,54 @@ def main() -> None:
         key = next((f for f, words in FAMILIES if any(w in low for w in words)), "other")
         family[key][0] += n
         family[key][1] += us
+    return by_name, family
+
+
+def print_kernels(by_name: dict, family: dict, steps: int, top: int) -> None:
+    """Per step: kernels and time by family, then the ``top`` busiest kernels."""
+    for key, (n, us) in sorted(family.items(), key=lambda kv: -kv[1][1]):
+        print(f"    {key:18s} {n / steps:6.0f} kernels {us / steps / 1000:7.2f} ms")
+    for kernel, (n, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"      {n / steps:5.0f} x {us / max(n, 1):7.1f} us  {kernel[:120]}")
+
+
+def main() -> None:
+    from lit_llama_lab.tools.bench_paths import path_options, shape_model, split_amp, step_flops, synthetic_batch
+
+    path = sys.argv[1] if len(sys.argv) > 1 else "ours+varlen+compile"
+    steps = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    shape = os.environ.get("CENSUS_SHAPE", "llama-3.2-1b")
+    seq, docs = (2048, 512) if shape != "tiny" else (64, 32)
+    builder, options = path_options(path, {})
+    _, options = split_amp(options)
+    model, loss_fn, _ = builder(shape_model(shape), 16, True, device, 0, **{**options, "cuda_graphs": False})
+    batch = synthetic_batch(model.config.vocab_size, 4, seq, docs, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=2e-4, fused=cuda)
+
+    def step():
+        loss_fn(batch).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(5):
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(10):
+        step()
+    sync()
+    ms = (time.perf_counter() - start) / 10 * 1000
+    by_name, family = profile_kernels(step, steps)
     busy = sum(v[1] for v in family.values()) / steps / 1000
-    lora = sum(p.numel() for p in params)
-    flops = step_flops(model.config, 4 * seq, docs, lora)
+    flops = step_flops(model.config, 4 * seq, docs, sum(p.numel() for p in params))
     print(f"{path} (graphs off), {loss_fn.plan.summary() if hasattr(loss_fn, 'plan') else ''}")
     print(f"  step {ms:.1f} ms wall (10 steps, no per-step sync), GPU busy {busy:.1f} ms; model FLOPs "
           f"{flops / 1e12:.1f} T: {flops / ms / 1e9:.0f} TFLOP/s on the wall, {flops / busy / 1e9:.0f} on busy time")
-    for key, (n, us) in sorted(family.items(), key=lambda kv: -kv[1][1]):
-        print(f"    {key:18s} {n / steps:6.0f} kernels {us / steps / 1000:7.2f} ms")
-    for kernel, (n, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:15]:
-        print(f"      {n / steps:5.0f} x {us / max(n, 1):7.1f} us  {kernel[:120]}")
+    print_kernels(by_name, family, steps, top=15)
     if cuda:
         print(f"  peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 

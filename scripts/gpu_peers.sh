@@ -25,15 +25,18 @@ if ls /root/gpu/whl3/*.whl >/dev/null 2>&1 && { [ -d .whl3 ] || [ ! -d /tmp/unsl
   "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/unsloth-site --upgrade /root/gpu/whl3/*.whl 2>&1 | grep -v -i warn
 fi
 US=/tmp/unsloth-site:$PWD:/root/smol/site-packages  # Unsloth's PYTHONPATH: the host's transformers 5.17, not /tmp/site's
+unsloth_test() {  # Unsloth's GPU test (unsloth imported before anything imports transformers), timeout $1 s
+  PYTHONPATH=$US timeout "$1" "$PY" -c "import unsloth, sys, pytest; sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/gpu/test_peers.py', '-k', 'unsloth']))" \
+    > "$OUT/unsloth-test.log" 2>&1
+}
+FT_PATHS=${FINETOME_PATHS-baseline+amp,ours+varlen+compile+graphs,trl+liger}  # set and empty: no FineTome bench
 PYTHONPATH=$US "$PY" -c "import unsloth, transformers; print('unsloth', unsloth.__version__, 'transformers', transformers.__version__)" >> "$OUT/summary.txt" 2>&1
 log "installed"
 case ${STAGE:-all} in all|1)
 # the synthetic 1B bench on GPU 0 (each path its own process); the TRL/Liger GPU tests on GPU 1 meanwhile, then Unsloth's
 (CUDA_VISIBLE_DEVICES=${TEST_GPU:-0} timeout 240 "$PY" -m pytest -q -p no:cacheprovider tests/gpu/test_peers.py > "$OUT/peer-tests.log" 2>&1
  echo "peer tests rc=$? $(tail -n 1 "$OUT/peer-tests.log")" >> "$OUT/tests.txt"
- # unsloth imported before anything imports transformers: its test through pytest.main
- CUDA_VISIBLE_DEVICES=${TEST_GPU:-0} PYTHONPATH=$US timeout 240 "$PY" -c "import unsloth, sys, pytest; sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/gpu/test_peers.py', '-k', 'unsloth']))" \
-  > "$OUT/unsloth-test.log" 2>&1; echo "unsloth test rc=$? $(tail -n 1 "$OUT/unsloth-test.log")" >> "$OUT/tests.txt") &
+ CUDA_VISIBLE_DEVICES=${TEST_GPU:-0} unsloth_test 240; echo "unsloth test rc=$? $(tail -n 1 "$OUT/unsloth-test.log")" >> "$OUT/tests.txt") &
 [ "${TEST_GPU:-0}" = 0 ] && wait
 CUDA_VISIBLE_DEVICES=0 timeout ${BENCH_TIMEOUT:-480} "$PY" -m lit_llama_lab.cli bench --shape llama-3.2-1b --paths ${PEER_PATHS:-baseline,ours+varlen+compile+graphs,trl,trl+liger} ${BENCH_ARGS:-} \
   --output "$OUT/bench-peers.json" > "$OUT/bench-peers.log" 2>&1; log "bench rc=$?"; tail -n 7 "$OUT/bench-peers.log" >> "$OUT/summary.txt"
@@ -46,12 +49,11 @@ if [ "${UNSLOTH:-1}" != 0 ]; then
 CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$US timeout ${UNSLOTH_TIMEOUT:-240} "$PY" -c "import unsloth; from lit_llama_lab.cli import main; main()" bench --shape llama-3.2-1b \
   --paths unsloth ${BENCH_ARGS:-} --isolate true --output "$OUT/bench-unsloth.json" > "$OUT/bench-unsloth.log" 2>&1; log "unsloth bench rc=$?"
 tail -n 4 "$OUT/bench-unsloth.log" >> "$OUT/summary.txt"
-[ "${STAGE:-all}" = 2 ] && { CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$US timeout ${UNSLOTH_TEST_TIMEOUT:-200} "$PY" -c "import unsloth, sys, pytest; sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/gpu/test_peers.py', '-k', 'unsloth']))" \
-  > "$OUT/unsloth-test.log" 2>&1; log "unsloth test rc=$? $(tail -n 1 "$OUT/unsloth-test.log")"; }
+[ "${STAGE:-all}" = 2 ] && { CUDA_VISIBLE_DEVICES=0 unsloth_test ${UNSLOTH_TEST_TIMEOUT:-200}; log "unsloth test rc=$? $(tail -n 1 "$OUT/unsloth-test.log")"; }
 fi
-[ -n "${FINETOME_PATHS-baseline+amp,ours+varlen+compile+graphs,trl+liger}" ] && {
+[ -n "$FT_PATHS" ] && {
 CUDA_VISIBLE_DEVICES=0 timeout ${FINETOME_TIMEOUT:-420} "$PY" -m lit_llama_lab.cli bench --shape llama-3.2-1b --workload finetome \
-  --paths ${FINETOME_PATHS-baseline+amp,ours+varlen+compile+graphs,trl+liger} --steps 200 --warmup 20 --output "$OUT/finetome.json" > "$OUT/finetome.log" 2>&1
+  --paths $FT_PATHS --steps 200 --warmup 20 --output "$OUT/finetome.json" > "$OUT/finetome.log" 2>&1
 log "finetome rc=$?"; tail -n 6 "$OUT/finetome.log" >> "$OUT/summary.txt"; }
 [ "${UNSLOTH:-1}" != 0 ] && {
 CUDA_VISIBLE_DEVICES=0 PYTHONPATH=$US timeout ${UNSLOTH_FT_TIMEOUT:-150} "$PY" -c "import unsloth; from lit_llama_lab.cli import main; main()" bench --shape llama-3.2-1b \

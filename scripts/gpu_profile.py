@@ -7,7 +7,6 @@ training's own step (:class:`lit_llama_lab.train.step.TrainStep`): with the run'
     DEQUANTIZE_ONCE=true python scripts/gpu_profile.py ...   # one setting only (default: false,true)
 """
 
-import collections
 import dataclasses
 import os
 import sys
@@ -22,13 +21,6 @@ from lit_llama_lab.generation import generate
 from lit_llama_lab.speed.loss import fast_label_loss, label_loss
 from lit_llama_lab.train.module import QLoRAModule
 from lit_llama_lab.train.step import TrainStep
-
-FAMILIES = (("dequantize", ("dequant", "kgetabsmax")), ("4-bit gemm", ("gemm_4bit", "gemv_4bit")),
-            ("gemm", ("gemm", "cutlass", "sm90", "sm80", "xmma", "ampere", "hopper", "cublas")),
-            ("attention", ("fmha", "flash", "attention", "efficient")), ("adam", ("adam",)),
-            ("copy/cast", ("copy", "cast", "cat")), ("reduce", ("reduce", "norm")),
-            ("elementwise", ("elementwise",)))
-
 
 CUDA = torch.cuda.is_available()
 
@@ -81,33 +73,17 @@ def ms_per_step(module, batches, optimizer, graphs: bool) -> float:
 
 def kernel_census(module, batches, optimizer, steps: int = 3) -> None:
     """Kernels of ``steps`` eager steps (the same kernels a graph replays), per step: count and GPU time by family
-    and the 12 busiest kernels."""
-    from torch.profiler import ProfilerActivity, profile
+    and the 12 busiest kernels (grouped as ``scripts/bench_census.py`` groups them)."""
+    from bench_census import print_kernels, profile_kernels  # this script's folder is on sys.path
 
     params = [p for p in module.parameters() if p.requires_grad]
-    with profile(activities=[ProfilerActivity.CUDA if CUDA else ProfilerActivity.CPU]) as prof:
-        for batch in batches[:steps]:
-            step(module, batch, params, optimizer, graphs=False, census=True)
-        sync()
-    kind = torch.autograd.DeviceType.CUDA if CUDA else torch.autograd.DeviceType.CPU
-    kernels = [e for e in prof.events() if e.device_type == kind]
-    by_name = collections.defaultdict(lambda: [0, 0.0])
-    for e in kernels:
-        by_name[e.name][0] += 1
-        by_name[e.name][1] += e.device_time if CUDA else e.cpu_time
-    family = collections.defaultdict(lambda: [0, 0.0])
-    for name, (n, us) in by_name.items():
-        low = name.lower()
-        key = next((f for f, words in FAMILIES if any(w in low for w in words)), "other")
-        family[key][0] += n
-        family[key][1] += us
+    batch_iter = iter(batches[:steps])
+    by_name, family = profile_kernels(
+        lambda: step(module, next(batch_iter), params, optimizer, graphs=False, census=True), steps)
     total_n, total_us = sum(v[0] for v in family.values()), sum(v[1] for v in family.values())
     print(f"  kernels per step: {total_n / steps:.0f}, GPU busy {total_us / steps / 1000:.1f} ms/step "
           f"(mean {total_us / max(total_n, 1):.1f} us a kernel)")
-    for key, (n, us) in sorted(family.items(), key=lambda kv: -kv[1][1]):
-        print(f"    {key:12s} {n / steps:6.0f} kernels {us / steps / 1000:6.2f} ms")
-    for name, (n, us) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:12]:
-        print(f"      {n / steps:5.0f} x {us / max(n, 1):6.1f} us  {name[:110]}")
+    print_kernels(by_name, family, steps, top=12)
 
 
 def main():
