@@ -9,6 +9,8 @@
 #   PART=x2b    the emoji config's time outside the steps, per rank (1 GPU, Lightning's launcher, torchrun).
 #   PART=pair   the emoji config timed on 1 GPU and on 2 (Lightning's launcher), nothing else.
 #   PART=style  the emoji config with --data.answer_style ${STYLE:-name_no_copy}, timed and evaluated (issue 16's eos).
+#   PART=variants  the emoji config with each of VARIANTS ("name:ARGS|name:ARGS", e.g. "c42:--data.contrast_ratio 0.1"),
+#               all fitted at once on GPU 0, then all evaluated at once (strict emoji + general); run-ons to $OUT.
 #   PART=evals  after x2a: its 1- and 2-GPU adapters evaluated (strict emoji + general suite), the GPU tests beside.
 #   PART=fsdp3b a Llama-3.2-3B-shaped model on 2 GPUs, DDP against FSDP (peak memory), the FSDP checkpoint resumed on 1.
 set -u
@@ -129,6 +131,18 @@ style)
   log "eval rc=$?"; evals >> "$OUT/summary.txt" 2>&1
   cat runs/eval/*/answers.jsonl | grep '"stopped": false' > "$OUT/runons.jsonl"; wc -l < "$OUT/runons.jsonl" >> "$OUT/summary.txt"
   for f in runs/eval/*/report.md; do echo "== $f"; head -c 2500 "$f"; done > "$OUT/reports.md" 2>&1
+  ;;
+variants)
+  IFS='|' read -ra VS <<< "${VARIANTS:?set VARIANTS}"
+  for v in "${VS[@]}"; do n=${v%%:*}; a=${v#*:}
+    (t=$(date +%s); CUDA_VISIBLE_DEVICES=0 timeout ${FIT_TIMEOUT:-300} bash -c "$(declare -f fit); PY=$PY; fit --trainer.logger.init_args.name $n $a" > $W/fit-$n.log 2>&1
+     log "$n fit rc=$? wall $(( $(date +%s) - t )) s ($a)") &
+  done; wait
+  for v in "${VS[@]}"; do n=${v%%:*}; grep -E "contrast:|replay:" $W/fit-$n.log | tail -n 2 >> "$OUT/summary.txt"
+    (CUDA_VISIBLE_DEVICES=0 ev ${EV_TIMEOUT:-180} --model runs/$n/checkpoints/last --output_dir runs/eval-$n --suite '[emoji,general]' --split '[train,test]' --wordings '[train,heldout]' --limit 800 > $W/ev-$n.log 2>&1; log "eval $n rc=$?") &
+  done; wait
+  for v in "${VS[@]}"; do n=${v%%:*}; echo "== $n"; rm -rf runs/eval; ln -s eval-$n runs/eval; evals
+    cat runs/eval-$n/*/answers.jsonl | grep '"stopped": false' | sed "s/^/$n /" >> "$OUT/runons.jsonl"; done >> "$OUT/summary.txt" 2>&1
   ;;
 evals)
   # after x2a on the same host: the 1-GPU and the 2-GPU (CLI) adapters evaluated one after the other on GPU 0, the

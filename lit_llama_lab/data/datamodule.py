@@ -88,6 +88,9 @@ class ChatDataModule(L.LightningDataModule):
             description column); unset: the task's default.
         replay: the starting model's answers to general prompts mixed into the training split (``ratio``) so the
             tuned model stays a chat assistant; see :class:`lit_llama_lab.data.replay.ReplayArgs`.
+        contrast_ratio: contrast chats added to the training split, as a share of its task rows: the task's chats
+            about things that are not its items (emoji: questions about Unicode symbols that are not emoji, answered
+            "⇐ is the leftwards double arrow symbol."), so the model learns where the task ends; 0 adds none.
         hub: the split and subset of a hub dataset.
         overlong: ``truncate`` or ``drop`` examples past ``max_seq_length``.
         strict: raise on the first malformed row instead of skipping it.
@@ -110,6 +113,7 @@ class ChatDataModule(L.LightningDataModule):
         seed: int = 42,
         answer_style: str | None = None,
         replay: ReplayArgs = ReplayArgs(),  # noqa: B008 (a frozen value: jsonargparse expands it into --data.replay.*)
+        contrast_ratio: float = 0.0,
         hub: HubArgs = HubArgs(),  # noqa: B008 (likewise: --data.hub.split, --data.hub.subset)
         overlong: Literal["truncate", "drop"] = "truncate",
         strict: bool = False,
@@ -127,6 +131,9 @@ class ChatDataModule(L.LightningDataModule):
             raise ValueError(f"global_batch_size must be at least 1, got {global_batch_size}.")
         self.replay, self.hub = replay or ReplayArgs(), hub or HubArgs()
         replay_count(1, self.replay.ratio)  # a bad ratio fails here, before anything loads
+        if not 0 <= contrast_ratio < 1:
+            raise ValueError(f"contrast_ratio must be in [0, 1) (contrast chats as a share of the training task rows), "
+                             f"got {contrast_ratio}: e.g. --data.contrast_ratio 0.1.")
         self.save_hyperparameters(ignore=["replay", "hub"])
         self.hparams["replay"], self.hparams["hub"] = vars(self.replay), vars(self.hub)
         self.splits: dict = {}  # split name -> datasets.Dataset of input_ids + labels
@@ -223,6 +230,8 @@ class ChatDataModule(L.LightningDataModule):
         self.rows = {name: data.select(idx) for name, idx in picked.items()}
         self.source_rows = picked
         self.splits = {name: self.tokenize_split(part, fmt, name) for name, part in self.rows.items()}
+        if h.contrast_ratio > 0:
+            self.splits["train"] = self.with_contrast(self.splits["train"], fmt)
         if self.replay.ratio > 0:
             self.splits["train"] = self.with_replay(self.splits["train"])
         log.info("format %s, examples: %s", fmt, {k: len(v) for k, v in self.splits.items()})
@@ -236,6 +245,26 @@ class ChatDataModule(L.LightningDataModule):
         if style is not None and style not in styles:
             raise ValueError(f"answer_style={style!r} does not apply to the {fmt} format"
                              + (f": use one of {', '.join(styles)}." if styles else ": leave it unset."))
+
+    def with_contrast(self, train, fmt: str):
+        """``train`` plus ``contrast_ratio`` × its task rows of the task's contrast chats (:attr:`Task.contrast_chats`),
+        shuffled in by the sampler like the task's own rows."""
+        import datasets
+
+        from lit_llama_lab.tasks.registry import get_task, task_names
+
+        h = self.hparams
+        if fmt not in task_names("contrast_chats"):
+            raise ValueError(f"contrast_ratio={h.contrast_ratio} needs a task with contrast chats "
+                             f"({', '.join(task_names('contrast_chats'))}); the {fmt} format has none: set it to 0.")
+        count = round(len(self.rows["train"]) * h.contrast_ratio)
+        chats = get_task(fmt).contrast_chats(count, h.seed, h.answer_style)
+        if not chats:
+            return train
+        contrast = self.tokenize_split([{"messages": chat} for chat in chats], "messages", "contrast")
+        log.info("contrast: %d chats about what is not the %s task's (%.1f%% of the task rows)", len(contrast), fmt,
+                 100 * len(contrast) / max(1, len(train)))
+        return datasets.concatenate_datasets([train, contrast])
 
     def with_replay(self, train):
         """``train`` plus replay chats, shuffled in by the sampler: ``replay.ratio`` of the result."""

@@ -39,6 +39,9 @@ class Task:
             export verification suite (:mod:`lit_llama_lab.tools.export_verify`).
         exact_answers: the verification also requires answers word for word the adapter's (short answers; long ones
             reword under any rounding).
+        contrast_chats: ``(count, seed, style) -> chats``: chats about things that are *not* the task's items,
+            trained beside them (``--data.contrast_ratio``) so the model learns where the task ends (emoji: Unicode
+            symbols that are not emoji, :mod:`lit_llama_lab.tasks.emoji.symbols`).
     """
 
     name: str
@@ -53,3 +56,4 @@ class Task:
     table: Callable[[Sequence[dict]], str] | None = None
     verify: Callable[..., dict] | None = None
     exact_answers: bool = False
+    contrast_chats: Callable[[int, int, str | None], list[list[dict]]] | None = None

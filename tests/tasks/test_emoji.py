@@ -67,3 +67,55 @@ def test_the_no_copy_style_never_repeats_the_emoji_and_every_answer_scores_as_it
 def test_heldout_wordings_never_used_in_training():
     assert not set(HELDOUT_WORDINGS) & set(TRAIN_WORDINGS)
     assert all("{e}" in w for w in HELDOUT_WORDINGS + TRAIN_WORDINGS)
+
+
+def test_contrast_symbols_are_no_part_of_any_emoji_and_are_named_in_the_answer_template():
+    import unicodedata
+
+    import emoji
+
+    from lit_llama_lab.tasks.emoji.symbols import contrast_chats, symbol_answer, symbol_pool
+
+    pool = symbol_pool()
+    points = {c for e in emoji.EMOJI_DATA for c in e}
+    assert len(pool) > 1500 and not {c for c, _ in pool} & points  # ↩, ©, ™ are emoji: never contrast rows
+    assert ("\u21d0", "leftwards double arrow") in pool and ("\u20ac", "euro sign") in pool
+    assert symbol_answer("\u21d0", "leftwards double arrow") == "\u21d0 is the leftwards double arrow symbol."
+    assert symbol_answer("\u20ac", "euro sign", "name_no_copy") == "That is the euro sign."
+    chats = contrast_chats(300, seed=42)
+    assert len(chats) == 300 and chats == contrast_chats(300, seed=42) and chats != contrast_chats(300, seed=1)
+    assert len({c[0]["content"] for c in chats}) == 300
+    for user, assistant in chats:
+        char = assistant["content"].split(" is the ")[0]
+        assert char in user["content"] and unicodedata.name(char).lower() in assistant["content"]
+        assert "emoji" not in assistant["content"]
+    assert len(contrast_chats(10**6, seed=0)) == len(pool)
+
+
+def test_contrast_ratio_adds_symbol_chats_to_training_only_and_refuses_bad_values(tmp_path):
+    import json
+
+    import pytest
+
+    from lit_llama_lab.data.datamodule import ChatDataModule
+
+    plain = ChatDataModule(source="emoji", tokenizer="tiny-random", batch_size=8)
+    plain.setup()
+    data = ChatDataModule(source="emoji", tokenizer="tiny-random", batch_size=8, contrast_ratio=0.1)
+    data.setup()
+    added = len(data.splits["train"]) - len(plain.splits["train"])
+    assert added == round(0.1 * len(plain.rows["train"])) > 300
+    assert {k: len(v) for k, v in data.splits.items() if k != "train"} == \
+        {k: len(v) for k, v in plain.splits.items() if k != "train"}
+    tok = data.tokenizer
+    texts = [tok.decode(ids) for ids in data.splits["train"][-added:]["input_ids"]]
+    assert all(" symbol." in t or " sign." in t for t in texts) and not any(" emoji." in t for t in texts)
+    with pytest.raises(ValueError, match=r"contrast_ratio must be in \[0, 1\).*got 1.0"):
+        ChatDataModule(contrast_ratio=1.0)
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": "hello"}]}) + "\n")
+    other = ChatDataModule(source=str(chats), tokenizer="tiny-random", test_fraction=0, val_fraction=0,
+                           contrast_ratio=0.1)
+    with pytest.raises(ValueError, match="the messages format has none: set it to 0"):
+        other.setup()

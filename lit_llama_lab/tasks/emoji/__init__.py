@@ -34,6 +34,13 @@ def sample_questions(items: Sequence[str] | None = None) -> list[str]:
     return [f"What is {e}?" for e in (SAMPLE_EMOJI if items is None else items)]
 
 
+def contrast_chats(count: int, seed: int, style: str | None = None) -> list[list[dict]]:
+    """:func:`lit_llama_lab.tasks.emoji.symbols.contrast_chats`."""
+    from lit_llama_lab.tasks.emoji.symbols import contrast_chats as chats
+
+    return chats(count, seed, style)
+
+
 def check(settings: dict) -> None:
     """:func:`lit_llama_lab.tasks.emoji.evaluate.check_settings`."""
     from lit_llama_lab.tasks.emoji.evaluate import check_settings
@@ -75,4 +82,5 @@ TASK = Task(
     table=table,
     verify=verify,
     exact_answers=True,
+    contrast_chats=contrast_chats,
 )
