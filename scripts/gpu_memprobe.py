@@ -62,6 +62,16 @@ def replay(start: dict, events: list[dict]) -> tuple[int, int, dict]:
     return peak, at, live
 
 
+def top_groups(live: dict, top: int) -> list[dict]:
+    """The ``top`` largest groups of a live set (:func:`replay`) by the frames that allocated them."""
+    groups = defaultdict(lambda: [0, 0])
+    for size, key in live.values():
+        groups[key][0] += size
+        groups[key][1] += 1
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
+    return [{"gib": round(s / 2**30, 4), "count": n, "where": k} for k, (s, n) in ranked]
+
+
 def apply_variant(model, variant: str) -> None:
     """Experiments on how checkpointing meets torch.compile (PROBE_VARIANT): ``sac`` (a selective-checkpoint policy
     that marks every op must-recompute), ``budget`` (the partitioner's activation memory budget at 0), ``outside``
@@ -99,6 +109,9 @@ def main():
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--no_checkpointing", action="store_true")
     parser.add_argument("--timed", type=int, default=5)
+    parser.add_argument("--warmup_trace", action="store_true",
+                        help="also record the warm-up steps (compilation, CUDA graph capture) and group the live "
+                             "allocations at their peak")
     args = parser.parse_args()
     device = torch.device("cuda")
     name = shape_model(args.shape, args.tokenizer) if args.shape == "llama-3.2-1b" else shape_model(args.shape)
@@ -109,10 +122,22 @@ def main():
     model, loss_fn, prepare = builder(name, 16, not args.no_checkpointing, device, 0, **options)
     variant = os.environ.get("PROBE_VARIANT", "")
     apply_variant(model, variant)
+    if args.warmup_trace:
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+        warm_start = live_blocks(torch.cuda.memory._snapshot())
     prepared = prepare(batch)
     train_steps(model, loss_fn, [prepared] * args.steps, device, amp)
     torch.cuda.synchronize()
     warm_s = time.perf_counter() - t0
+    warm_top = []
+    if args.warmup_trace:
+        warm_events = torch.cuda.memory._snapshot()["device_traces"][0]
+        torch.cuda.memory._record_memory_history(enabled=None)
+        w_peak, _, w_live = replay(warm_start, warm_events)
+        warm_top = top_groups(w_live, args.top)
+        print(f"warm-up: replayed peak {w_peak / 2**30:.3f} GiB over {len(warm_events)} events")
+        for row in warm_top:
+            print(f"{row['gib']:8.3f} GiB {row['count']:6d}x  {row['where']}")
     t1 = time.perf_counter()
     train_steps(model, loss_fn, [prepared] * args.timed, device, amp)
     torch.cuda.synchronize()
@@ -138,11 +163,6 @@ def main():
     torch.cuda.memory._record_memory_history(enabled=None)
     events = snap["device_traces"][0]
     peak, at, peak_live = replay(start, events)
-    groups = defaultdict(lambda: [0, 0])
-    for size, key in peak_live.values():
-        groups[key][0] += size
-        groups[key][1] += 1
-    top = sorted(groups.items(), key=lambda kv: -kv[1][0])[:args.top]
     gib = lambda b: b / 2**30  # noqa: E731
     from torch._dynamo.utils import counters
 
@@ -153,8 +173,8 @@ def main():
               "loss": float(loss), "trainable": sum(p.numel() for p in params),
               "graph_breaks": {k: v for k, v in counters["graph_break"].items()},
               "dynamo_stats": {k: v for k, v in counters["stats"].items()},
-              "top": [{"gib": round(gib(s), 4), "count": n, "where": k} for k, (s, n) in top]}
-    print(json.dumps({k: v for k, v in result.items() if k != "top"}, indent=1))
+              "top": top_groups(peak_live, args.top), "warm_top": warm_top}
+    print(json.dumps({k: v for k, v in result.items() if k not in ("top", "warm_top")}, indent=1))
     for row in result["top"]:
         print(f"{row['gib']:8.3f} GiB {row['count']:6d}x  {row['where']}")
     with open(args.output, "w") as f:
