@@ -188,3 +188,22 @@ def test_a_global_batch_is_shared_among_the_devices_and_must_divide():
     with pytest.raises(ValueError, match="global_batch_size 9 does not divide among 2 devices"):
         odd.device_batch_size  # noqa: B018
     assert ChatDataModule(source="emoji", batch_size=5).device_batch_size == 5
+
+
+def test_the_cpu_emoji_config_is_the_emoji_config_with_only_its_three_sizes_changed():
+    import yaml
+
+    gpu, cpu = (yaml.safe_load((ROOT / "configs" / f).read_text()) for f in ("emoji.yaml", "emoji-cpu.yaml"))
+
+    def flat(value, prefix=""):
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}.").items()}
+        if isinstance(value, list):
+            return {k: v for i, item in enumerate(value) for k, v in flat(item, f"{prefix}{i}.").items()}
+        return {prefix.rstrip("."): value}
+
+    a, b = flat(gpu), flat(cpu)
+    changed = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
+    assert changed == {"trainer.max_epochs", "data.replay.ratio",
+                       "trainer.callbacks.2.init_args.every_n_validations"}
+    assert b["trainer.max_epochs"] < a["trainer.max_epochs"] and b["data.replay.ratio"] < a["data.replay.ratio"]
