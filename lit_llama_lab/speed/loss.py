@@ -1,7 +1,8 @@
 """The training loss: next-token cross-entropy over labelled (assistant) positions only.
 
-Two forms of one math. :func:`label_loss` projects to the vocabulary only where a label exists (eager steps,
-validation). :func:`fast_label_loss` keeps every shape fixed (a chunked linear cross-entropy that weighs unlabelled
+Three forms of one math. :func:`label_loss` projects to the vocabulary only where a label exists and returns the
+logits (validation's perplexity). :func:`chunked_label_loss` does the same in chunks that never hold all the logits
+(eager training steps). :func:`fast_label_loss` keeps every shape fixed (a chunked linear cross-entropy that weighs unlabelled
 positions by zero), so a CUDA graph can capture the whole step. ``tests/speed/test_loss.py`` checks they agree.
 """
 
@@ -127,3 +128,11 @@ def label_loss(model, batch: dict, reduction: str = "mean") -> tuple[torch.Tenso
     logits = causal_lm.get_output_embeddings()(hidden).float()
     loss = F.cross_entropy(logits, targets, reduction=reduction)
     return loss, logits, targets
+
+
+def chunked_label_loss(model, batch: dict, chunk: int = 0) -> torch.Tensor:
+    """:func:`label_loss`'s mean over labelled positions only, through :func:`linear_cross_entropy`: the labelled rows'
+    logits are made chunk by chunk and their gradient in the same pass, so neither the ``[labelled, vocab]`` fp32
+    logits nor their gradient exist at once (on the 1B shape with every position labelled, 3.9 GiB each)."""
+    causal_lm, hidden, targets = labelled_hidden(model, batch)
+    return linear_cross_entropy(hidden, causal_lm.get_output_embeddings().weight, targets, chunk)

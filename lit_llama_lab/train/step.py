@@ -10,7 +10,7 @@ from lit_llama_lab.data.packing import pad_packed_batch
 from lit_llama_lab.speed.attention import attention_inputs
 from lit_llama_lab.speed.distill import TeacherCache, distilled_label_loss
 from lit_llama_lab.speed.graphs import GraphedLoss
-from lit_llama_lab.speed.loss import fast_label_loss, label_loss
+from lit_llama_lab.speed.loss import chunked_label_loss, fast_label_loss, label_loss
 from lit_llama_lab.train.plan import Plan
 
 
@@ -21,7 +21,8 @@ class TrainStep:
     With the plan's CUDA graphs the batch's rows are padded to a multiple of ``graph_pad_multiple`` tokens, the loss
     has fixed shapes (:func:`lit_llama_lab.speed.loss.fast_label_loss`) and its forward and backward replay from
     a graph per batch shape (:class:`lit_llama_lab.speed.graphs.GraphedLoss`). Otherwise logits are computed at
-    labelled positions only (:func:`lit_llama_lab.speed.loss.label_loss`). Both compute the same loss. The batch gets
+    labelled positions only, in chunks (:func:`lit_llama_lab.speed.loss.chunked_label_loss`). Both compute the same
+    loss. The batch gets
     the plan's attention inputs (:func:`lit_llama_lab.speed.attention.attention_inputs`); a packed batch without the
     data module's ``max_documents`` bound trains a varlen plan through the sdpa mask (the varlen function's
     fallback), as validation does.
@@ -58,7 +59,7 @@ class TrainStep:
             batch = pad_packed_batch(batch, self.plan.graph_pad_multiple, self.pad_id)
             return self.graphed(self.with_teacher_index(self.inputs(batch), cached))
         inputs = self.with_teacher_index(self.inputs(batch), cached)
-        return loss_fn(self.model, inputs) if distill else label_loss(self.model, inputs)[0]
+        return loss_fn(self.model, inputs) if distill else chunked_label_loss(self.model, inputs)
 
     def with_teacher_index(self, batch: dict, cached: bool) -> dict:
         """``batch`` plus ``teacher_index`` (:meth:`TeacherCache.index`) when the KL targets come from the cache."""

@@ -29,3 +29,32 @@ def test_linear_cross_entropy_matches_plain_cross_entropy_and_its_gradients():
 def test_linear_cross_entropy_rejects_unselected_rows():
     with pytest.raises(ValueError, match="select labelled rows"):
         linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(3, dtype=torch.long))
+
+
+def test_the_eager_training_loss_is_label_loss_chunked_with_the_same_gradients(tiny_base):
+    from lit_llama_lab.speed.loss import chunked_label_loss, label_loss
+
+    model = tiny_base[0]  # (model, tokenizer)
+    torch.manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (3, 24))
+    labels = ids.clone()
+    labels[:, :9] = -100  # prompts
+    labels[1, 15:] = -100  # a shorter answer
+    batch = {"input_ids": ids, "labels": labels}
+    params = [p for p in model.parameters() if p.dtype.is_floating_point][:3] + [model.get_output_embeddings().weight]
+    was = [p.requires_grad for p in params]  # a shared fixture: left as found
+    grads = []
+    for fn in (lambda: chunked_label_loss(model, batch, chunk=7), lambda: label_loss(model, batch)[0]):
+        for p in params:
+            p.requires_grad_(True)
+            p.grad = None
+        loss = fn()
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in params]))
+    for p, flag in zip(params, was, strict=True):
+        p.grad = None
+        p.requires_grad_(flag)
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    assert len(grads[0][1]) == 4 and all(g.abs().sum() > 0 for g in grads[1][1])
+    for got, expected in zip(grads[0][1], grads[1][1], strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
