@@ -72,6 +72,11 @@ def top_groups(live: dict, top: int) -> list[dict]:
     return [{"gib": round(s / 2**30, 4), "count": n, "where": k} for k, (s, n) in ranked]
 
 
+def print_groups(rows: list[dict]) -> None:
+    for row in rows:
+        print(f"{row['gib']:8.3f} GiB {row['count']:6d}x  {row['where']}")
+
+
 def apply_variant(model, variant: str) -> None:
     """Experiments on how checkpointing meets torch.compile (PROBE_VARIANT): ``sac`` (a selective-checkpoint policy
     that marks every op must-recompute), ``budget`` (the partitioner's activation memory budget at 0), ``outside``
@@ -136,8 +141,7 @@ def main():
         w_peak, _, w_live = replay(warm_start, warm_events)
         warm_top = top_groups(w_live, args.top)
         print(f"warm-up: replayed peak {w_peak / 2**30:.3f} GiB over {len(warm_events)} events")
-        for row in warm_top:
-            print(f"{row['gib']:8.3f} GiB {row['count']:6d}x  {row['where']}")
+        print_groups(warm_top)
     t1 = time.perf_counter()
     train_steps(model, loss_fn, [prepared] * args.timed, device, amp)
     torch.cuda.synchronize()
@@ -175,8 +179,7 @@ def main():
               "dynamo_stats": {k: v for k, v in counters["stats"].items()},
               "top": top_groups(peak_live, args.top), "warm_top": warm_top}
     print(json.dumps({k: v for k, v in result.items() if k not in ("top", "warm_top")}, indent=1))
-    for row in result["top"]:
-        print(f"{row['gib']:8.3f} GiB {row['count']:6d}x  {row['where']}")
+    print_groups(result["top"])
     with open(args.output, "w") as f:
         json.dump(result, f, indent=1)
 

@@ -25,10 +25,10 @@ d = ChatDataModule(source='emoji', tokenizer='smollm2-135m', batch_size=32, max_
 d.prepare_data()" > $W/replay.log 2>&1; log "replay cache rc=$?"
 }
 ev() { local t=$1; shift; timeout "$t" "$PY" -m lit_llama_lab.cli evaluate --batch_size 400 "$@"; }
-evals() {  # one line per evaluation report under runs/eval
-  "$PY" - <<'PY'
-import json, pathlib
-for p in sorted(pathlib.Path("runs/eval").glob("*/metrics.json")):
+evals() {  # one line per evaluation report under the folder $1 (default runs/eval)
+  "$PY" - "${1:-runs/eval}" <<'PY'
+import json, pathlib, sys
+for p in sorted(pathlib.Path(sys.argv[1]).glob("*/metrics.json")):
     r = json.loads(p.read_text()); m = r["metrics"]
     if r.get("suite") == "general":
         print(f"{r['model']} general: {m['accuracy']:.1%} leakage {m['leakage']:.1%} eos {m['eos_rate']:.1%}")
@@ -141,7 +141,7 @@ variants)
   for v in "${VS[@]}"; do n=${v%%:*}; grep -E "contrast:|replay:" $W/fit-$n.log | tail -n 2 >> "$OUT/summary.txt"
     (CUDA_VISIBLE_DEVICES=0 ev ${EV_TIMEOUT:-180} --model runs/$n/checkpoints/last --output_dir runs/eval-$n --suite '[emoji,general]' --split '[train,test]' --wordings '[train,heldout]' --limit 800 > $W/ev-$n.log 2>&1; log "eval $n rc=$?") &
   done; wait
-  for v in "${VS[@]}"; do n=${v%%:*}; echo "== $n"; rm -rf runs/eval; ln -s eval-$n runs/eval; evals
+  for v in "${VS[@]}"; do n=${v%%:*}; echo "== $n"; evals runs/eval-$n
     cat runs/eval-$n/*/answers.jsonl | grep '"stopped": false' | sed "s/^/$n /" >> "$OUT/runons.jsonl"; done >> "$OUT/summary.txt" 2>&1
   ;;
 evals)
@@ -150,7 +150,7 @@ evals)
   (CUDA_VISIBLE_DEVICES=1 timeout 280 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests/gpu > $W/gpu-tests.log 2>&1; echo "pytest rc=$?" >> $W/gpu-tests.log) &
   for r in one two; do CUDA_VISIBLE_DEVICES=0 ev 150 --model runs/$r/checkpoints/last --output_dir runs/eval-$r --suite '[emoji,general]' --split '[train,test]' --wordings '[train,heldout]' --limit 800 > $W/ev-$r.log 2>&1; log "eval $r rc=$?"; done
   wait; tail -n 3 $W/gpu-tests.log | tee -a "$OUT/summary.txt"
-  for r in one two; do echo "== $r"; rm -rf runs/eval; ln -s eval-$r runs/eval; evals; done >> "$OUT/summary.txt" 2>&1
+  for r in one two; do echo "== $r"; evals runs/eval-$r; done >> "$OUT/summary.txt" 2>&1
   cat runs/eval-*/*/answers.jsonl | grep '"stopped": false' > "$OUT/runons.jsonl"; wc -l < "$OUT/runons.jsonl" >> "$OUT/summary.txt"
   ;;
 fsdp3b)

@@ -226,6 +226,7 @@ class ChatDataModule(L.LightningDataModule):
             raise ValueError(f"The data source {h.source!r} holds no rows.")
         fmt = detect_rows_format(data) if h.format == "auto" else h.format
         self.check_answer_style(fmt)
+        self.check_contrast(fmt)
         picked = split_indices(len(data), h.test_fraction, h.val_fraction, h.seed)
         self.rows = {name: data.select(idx) for name, idx in picked.items()}
         self.source_rows = picked
@@ -246,17 +247,23 @@ class ChatDataModule(L.LightningDataModule):
             raise ValueError(f"answer_style={style!r} does not apply to the {fmt} format"
                              + (f": use one of {', '.join(styles)}." if styles else ": leave it unset."))
 
-    def with_contrast(self, train, fmt: str):
-        """``train`` plus ``contrast_ratio`` × its task rows of the task's contrast chats (:attr:`Task.contrast_chats`),
-        shuffled in by the sampler like the task's own rows."""
-        import datasets
-
-        from lit_llama_lab.tasks.registry import get_task, task_names
+    def check_contrast(self, fmt: str) -> None:
+        """Refuse a ``contrast_ratio`` > 0 for a format whose task has no contrast chats, before anything is tokenized."""
+        from lit_llama_lab.tasks.registry import task_names
 
         h = self.hparams
-        if fmt not in task_names("contrast_chats"):
+        if h.contrast_ratio > 0 and fmt not in task_names("contrast_chats"):
             raise ValueError(f"contrast_ratio={h.contrast_ratio} needs a task with contrast chats "
                              f"({', '.join(task_names('contrast_chats'))}); the {fmt} format has none: set it to 0.")
+
+    def with_contrast(self, train, fmt: str):
+        """``train`` plus ``contrast_ratio`` × its task rows of the task's contrast chats
+        (:attr:`Task.contrast_chats`), shuffled in by the sampler like the task's own rows."""
+        import datasets
+
+        from lit_llama_lab.tasks.registry import get_task
+
+        h = self.hparams
         count = round(len(self.rows["train"]) * h.contrast_ratio)
         chats = get_task(fmt).contrast_chats(count, h.seed, h.answer_style)
         if not chats:

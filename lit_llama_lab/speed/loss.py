@@ -2,8 +2,8 @@
 
 Three forms of one math. :func:`label_loss` projects to the vocabulary only where a label exists and returns the
 logits (validation's perplexity). :func:`chunked_label_loss` does the same in chunks that never hold all the logits
-(eager training steps). :func:`fast_label_loss` keeps every shape fixed (a chunked linear cross-entropy that weighs unlabelled
-positions by zero), so a CUDA graph can capture the whole step. ``tests/speed/test_loss.py`` checks they agree.
+(eager training steps). :func:`fast_label_loss` keeps every shape fixed (a chunked linear cross-entropy that weighs
+unlabelled positions by zero), so a CUDA graph can capture the whole step. ``tests/speed/test_loss.py`` checks they agree.
 """
 
 from __future__ import annotations

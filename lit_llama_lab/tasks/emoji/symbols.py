@@ -17,7 +17,7 @@ import functools
 import random
 import unicodedata
 
-from lit_llama_lab.tasks.emoji.rows import TRAIN_WORDINGS, pick_wording
+from lit_llama_lab.tasks.emoji.rows import pick_wording
 
 # The Basic Multilingual Plane's symbol blocks that emoji are also drawn from, and Latin-1's symbols.
 SYMBOL_BLOCKS = (
@@ -75,7 +75,7 @@ def contrast_chats(count: int, seed: int, style: str | None = None) -> list[list
     chats = []
     for i, index in enumerate(picked):
         char, name = pool[index]
-        wording = pick_wording(i, seed, TRAIN_WORDINGS)
+        wording = pick_wording(i, seed)
         chats.append([{"role": "user", "content": wording.format(e=char)},
                       {"role": "assistant", "content": symbol_answer(char, name, style)}])
     return chats
