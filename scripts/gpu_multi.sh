@@ -10,7 +10,8 @@
 #   PART=pair   the emoji config timed on 1 GPU and on 2 (Lightning's launcher), nothing else.
 #   PART=style  the emoji config with --data.answer_style ${STYLE:-name_no_copy}, timed and evaluated (issue 16's eos).
 #   PART=variants  the emoji config with each of VARIANTS ("name:ARGS|name:ARGS", e.g. "c42:--data.contrast_ratio 0.1"),
-#               all fitted at once on GPU 0, then all evaluated at once (strict emoji + general); run-ons to $OUT.
+#               all fitted at once, spread round-robin over the host's GPUs, then all evaluated at once (strict emoji + general);
+#               run-ons to $OUT. The replay answers are generated first when the host has none cached.
 #   PART=evals  after x2a: its 1- and 2-GPU adapters evaluated (strict emoji + general suite), the GPU tests beside.
 #   PART=fsdp3b a Llama-3.2-3B-shaped model on 2 GPUs, DDP against FSDP (peak memory), the FSDP checkpoint resumed on 1.
 set -u
@@ -133,13 +134,14 @@ style)
   for f in runs/eval/*/report.md; do echo "== $f"; head -c 2500 "$f"; done > "$OUT/reports.md" 2>&1
   ;;
 variants)
-  IFS='|' read -ra VS <<< "${VARIANTS:?set VARIANTS}"
-  for v in "${VS[@]}"; do n=${v%%:*}; a=${v#*:}
-    (t=$(date +%s); CUDA_VISIBLE_DEVICES=0 timeout ${FIT_TIMEOUT:-300} bash -c "$(declare -f fit); PY=$PY; fit --trainer.logger.init_args.name $n $a" > $W/fit-$n.log 2>&1
+  IFS='|' read -ra VS <<< "${VARIANTS:?set VARIANTS}"; NG=$(nvidia-smi -L | wc -l); i=0
+  ls /root/llcache/replay/*.jsonl > /dev/null 2>&1 || replay_cache 0 200
+  for v in "${VS[@]}"; do n=${v%%:*}; a=${v#*:}; g=$(( i++ % NG ))
+    (t=$(date +%s); CUDA_VISIBLE_DEVICES=$g timeout ${FIT_TIMEOUT:-300} bash -c "$(declare -f fit); PY=$PY; fit --trainer.logger.init_args.name $n $a" > $W/fit-$n.log 2>&1
      log "$n fit rc=$? wall $(( $(date +%s) - t )) s ($a)") &
   done; wait
-  for v in "${VS[@]}"; do n=${v%%:*}; grep -E "contrast:|replay:" $W/fit-$n.log | tail -n 2 >> "$OUT/summary.txt"
-    (CUDA_VISIBLE_DEVICES=0 ev ${EV_TIMEOUT:-180} --model runs/$n/checkpoints/last --output_dir runs/eval-$n --suite '[emoji,general]' --split '[train,test]' --wordings '[train,heldout]' --limit 800 > $W/ev-$n.log 2>&1; log "eval $n rc=$?") &
+  i=0; for v in "${VS[@]}"; do n=${v%%:*}; g=$(( i++ % NG )); grep -E "contrast:|replay:" $W/fit-$n.log | tail -n 2 >> "$OUT/summary.txt"
+    (CUDA_VISIBLE_DEVICES=$g ev ${EV_TIMEOUT:-180} --model runs/$n/checkpoints/last --output_dir runs/eval-$n --suite '[emoji,general]' --split '[train,test]' --wordings '[train,heldout]' --limit 800 > $W/ev-$n.log 2>&1; log "eval $n rc=$?") &
   done; wait
   for v in "${VS[@]}"; do n=${v%%:*}; echo "== $n"; evals runs/eval-$n
     cat runs/eval-$n/*/answers.jsonl | grep '"stopped": false' | sed "s/^/$n /" >> "$OUT/runons.jsonl"; done >> "$OUT/summary.txt" 2>&1

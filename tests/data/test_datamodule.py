@@ -204,6 +204,8 @@ def test_the_cpu_emoji_config_is_the_emoji_config_with_only_its_three_sizes_chan
 
     a, b = flat(gpu), flat(cpu)
     changed = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
-    assert changed == {"trainer.max_epochs", "data.replay.ratio",
+    assert changed == {"trainer.max_epochs", "data.replay.ratio", "data.replay.max_new_tokens",
                        "trainer.callbacks.2.init_args.every_n_validations"}
     assert b["trainer.max_epochs"] < a["trainer.max_epochs"] and b["data.replay.ratio"] < a["data.replay.ratio"]
+    # a twentieth of replay needs fewer usable answers, so the CPU keeps the 160-token default budget (cheaper to generate)
+    assert "data.replay.max_new_tokens" not in b and a["data.replay.max_new_tokens"] > 160
