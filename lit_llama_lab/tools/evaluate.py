@@ -79,6 +79,14 @@ def as_list(value) -> list:
     return [value] if isinstance(value, str) else list(value)
 
 
+
+def trained_answer_style(name: str) -> str | None:
+    """The answer style an adapter folder records it was trained on (its ``lit_llama_lab.json``); None for a base
+    model, a GGUF file or an adapter written before the style was recorded."""
+    from lit_llama_lab.model.adapters import adapter_metadata, is_adapter_folder
+
+    return adapter_metadata(Path(name)).get("answer_style") if is_adapter_folder(name) else None
+
 def evaluate(
     model: str | list[str] = "smollm2-135m",
     split: str | list[str] = "test",
@@ -121,7 +129,7 @@ def evaluate(
         test_fraction: the training run's ``data.test_fraction``.
         val_fraction: the training run's ``data.val_fraction``.
         answer_style: the training run's ``data.answer_style``: the reference answers for perplexity (unset: the
-            task's default).
+            style an adapter folder records it was trained on, else the task's default).
         examples: how many answers each report shows (the emoji report always adds 🐼 🇺🇸 🎂 🤌).
         quantize: base weights as ``nf4``, ``fp4`` or ``none``; unset: as the adapter was trained (else nf4).
         suite: the tasks to evaluate: ``emoji`` (the splits and wordings above), ``general`` (the bundled
@@ -147,8 +155,9 @@ def evaluate(
     results = []
     for name in models:
         loaded, tokenizer = load_for_runtime(name, runtime, quantize)
+        own = {**settings, "answer_style": answer_style or trained_answer_style(name)}
         for task in map(get_task, suites):
-            done = task.evaluate(loaded, tokenizer, name, settings, Path(output_dir), examples)
+            done = task.evaluate(loaded, tokenizer, name, own, Path(output_dir), examples)
             print(f"\n{task.title or task.name}: {Path(output_dir)}\n{task.table(done)}")
             results += done
         del loaded

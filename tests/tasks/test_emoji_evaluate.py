@@ -149,6 +149,30 @@ def test_compare_tables_saved_results(tiny_run):
         compare([out])
 
 
+def test_an_adapter_is_evaluated_against_the_answer_style_it_records(tmp_path):
+    """An adapter trained on ``name_no_copy`` records it; ``evaluate`` without ``answer_style`` then scores the
+    perplexity of that style's reference answers, as if it had been given, not the task's default ``name``."""
+    from lit_llama_lab.model.adapters import ADAPTER_METADATA, write_peft_files
+    from lit_llama_lab.train.args import LoraArgs
+    from lit_llama_lab.train.module import QLoRAModule
+
+    module = QLoRAModule(name_or_path="tiny-random", lora=LoraArgs(r=8, alpha=16))
+    module.configure_model()
+    folder = tmp_path / "adapter"
+    write_peft_files(module.model, module.adapter_state_dict(), folder)
+    (folder / ADAPTER_METADATA).write_text(json.dumps({"base_model": "tiny-random", "quantize": "nf4",
+                                                       "answer_style": "name_no_copy"}))
+
+    def perplexity(**style):
+        [result] = evaluate(model=str(folder), split="test", wordings="train", limit=3, max_new_tokens=2,
+                            batch_size=4, output_dir=str(tmp_path / f"out-{len(list(tmp_path.iterdir()))}"), **style)
+        return result["settings"]["answer_style"], result["metrics"]["perplexity"]
+
+    recorded, given, default = perplexity(), perplexity(answer_style="name_no_copy"), perplexity(answer_style="name")
+    assert recorded[0] == given[0] == "name_no_copy" and default[0] == "name"
+    assert recorded[1] == pytest.approx(given[1]) and recorded[1] != pytest.approx(default[1])
+
+
 def test_bad_model_path_fails_before_anything_is_written(tmp_path):
     with pytest.raises(ModelNotFoundError, match="no such file or folder. Accepted forms"):
         evaluate(model=["tiny-random", str(tmp_path / "no-such-adapter")], limit=2, output_dir=str(tmp_path / "out"))

@@ -136,6 +136,7 @@ def test_adapter_checkpoint_files_and_loading(tmp_path, chat_file):
     assert {"adapter_config.json", "adapter_model.safetensors", "lit_llama_lab.json"} <= {p.name for p in folder.iterdir()}
     meta = json.loads((folder / "lit_llama_lab.json").read_text())
     assert meta["base_model"] == "tiny-random" and meta["quantize"] == "nf4"
+    assert meta["answer_style"] is None  # a plain chat file has no answer styles; the emoji task's runs record theirs
     assert meta["global_step"] == 6 and meta["monitor"] == "val_loss" and math.isfinite(meta["score"])
     assert meta["run"] == "run/version_0"
     assert len(load_file(folder / "adapter_model.safetensors")) == len(state["state_dict"])

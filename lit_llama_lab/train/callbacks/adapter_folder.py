@@ -38,12 +38,15 @@ def checkpoint_write(target: Path, partial: Path) -> Iterator[None]:
 
 
 def adapter_metadata(trainer: L.Trainer, monitor: str | None, score) -> dict:
-    """What ``lit_llama_lab.json`` records: base, quantization, position, the monitored score, the run."""
+    """What ``lit_llama_lab.json`` records: base, quantization, the answer style trained on, position, the monitored
+    score, the run."""
     hparams = trainer.lightning_module.hparams
     logger = trainer.loggers[0] if trainer.loggers else None
+    data = getattr(trainer, "datamodule", None)
     return {
         "base_model": hparams.get("name_or_path"),
         "quantize": hparams.get("quantize"),
+        "answer_style": getattr(data, "hparams", {}).get("answer_style"),
         "global_step": trainer.global_step,
         "epoch": trainer.current_epoch,
         "monitor": monitor,
