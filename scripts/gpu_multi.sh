@@ -10,8 +10,8 @@
 #   PART=pair   the emoji config timed on 1 GPU and on 2 (Lightning's launcher), nothing else.
 #   PART=style  the emoji config with --data.answer_style ${STYLE:-name_no_copy}, timed and evaluated (issue 16's eos).
 #   PART=variants  the emoji config with each of VARIANTS ("name:ARGS|name:ARGS", e.g. "c42:--data.contrast_ratio 0.1"),
-#               all fitted at once, spread round-robin over the host's GPUs, then all evaluated at once (strict emoji + general);
-#               run-ons to $OUT. The replay answers are generated first when the host has none cached.
+#               all fitted at once, spread round-robin over the host's GPUs, then all evaluated at once (strict
+#               emoji + general); run-ons to $OUT. The replay answers are generated first when the host has none.
 #   PART=evals  after x2a: its 1- and 2-GPU adapters evaluated (strict emoji + general suite), the GPU tests beside.
 #   PART=fsdp3b a Llama-3.2-3B-shaped model on 2 GPUs, DDP against FSDP (peak memory), the FSDP checkpoint resumed on 1.
 set -u
@@ -22,7 +22,7 @@ replay_cache() {  # the replay answers, generated once per host (a fit would oth
   CUDA_VISIBLE_DEVICES=$1 timeout "$2" "$PY" -c "
 from lit_llama_lab.data.datamodule import ChatDataModule
 from lit_llama_lab.data.replay import ReplayArgs
-d = ChatDataModule(source='emoji', tokenizer='smollm2-135m', batch_size=32, max_seq_length=512, test_fraction=0.2, val_fraction=0.02, replay=ReplayArgs(ratio=0.2, model='smollm2-135m'))
+d = ChatDataModule(source='emoji', tokenizer='smollm2-135m', batch_size=32, max_seq_length=512, test_fraction=0.2, val_fraction=0.02, replay=ReplayArgs(ratio=0.2, model='smollm2-135m', max_new_tokens=384))  # as configs/emoji.yaml
 d.prepare_data()" > $W/replay.log 2>&1; log "replay cache rc=$?"
 }
 ev() { local t=$1; shift; timeout "$t" "$PY" -m lit_llama_lab.cli evaluate --batch_size 400 "$@"; }

@@ -79,13 +79,13 @@ def as_list(value) -> list:
     return [value] if isinstance(value, str) else list(value)
 
 
-
 def trained_answer_style(name: str) -> str | None:
     """The answer style an adapter folder records it was trained on (its ``lit_llama_lab.json``); None for a base
     model, a GGUF file or an adapter written before the style was recorded."""
     from lit_llama_lab.model.adapters import adapter_metadata, is_adapter_folder
 
     return adapter_metadata(Path(name)).get("answer_style") if is_adapter_folder(name) else None
+
 
 def evaluate(
     model: str | list[str] = "smollm2-135m",
