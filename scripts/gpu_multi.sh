@@ -11,19 +11,23 @@
 #   PART=style  the emoji config with --data.answer_style ${STYLE:-name_no_copy}, timed and evaluated (issue 16's eos).
 #   PART=variants  the emoji config with each of VARIANTS ("name:ARGS|name:ARGS", e.g. "c42:--data.contrast_ratio 0.1"),
 #               all fitted at once, spread round-robin over the host's GPUs, then all evaluated at once (strict
-#               emoji + general); run-ons to $OUT. The replay answers are generated first when the host has none.
+#               emoji + general); run-ons to $OUT. The config's replay answers are generated first (once per host).
 #   PART=evals  after x2a: its 1- and 2-GPU adapters evaluated (strict emoji + general suite), the GPU tests beside.
 #   PART=fsdp3b a Llama-3.2-3B-shaped model on 2 GPUs, DDP against FSDP (peak memory), the FSDP checkpoint resumed on 1.
 set -u
 OUT=${OUT:?set OUT}; mkdir -p "$OUT"; PY=python3; W=/tmp/multi; mkdir -p $W; START=$(date +%s)
 log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.txt"; }
 fit() { "$PY" -m lit_llama_lab.cli fit --config configs/emoji.yaml "$@"; }
-replay_cache() {  # the replay answers, generated once per host (a fit would otherwise pay for them): GPU $1, timeout $2
+replay_cache() {  # the replay answers of configs/emoji.yaml's data section, generated once per host (only the prompts
+  # missing from the cache; a fit would otherwise pay for them, and fits at once would each generate them): GPU $1, timeout $2
   CUDA_VISIBLE_DEVICES=$1 timeout "$2" "$PY" -c "
+import yaml
 from lit_llama_lab.data.datamodule import ChatDataModule
 from lit_llama_lab.data.replay import ReplayArgs
-d = ChatDataModule(source='emoji', tokenizer='smollm2-135m', batch_size=32, max_seq_length=512, test_fraction=0.2, val_fraction=0.02, replay=ReplayArgs(ratio=0.2, model='smollm2-135m', max_new_tokens=384))  # as configs/emoji.yaml
-d.prepare_data()" > $W/replay.log 2>&1; log "replay cache rc=$?"
+config = yaml.safe_load(open('configs/emoji.yaml')); data = dict(config['data']); base = config['model']['name_or_path']
+replay = ReplayArgs(**data.pop('replay'), model=base)
+ChatDataModule(**data, tokenizer=base, replay=replay).prepare_data()" > $W/replay.log 2>&1
+  log "replay cache rc=$?"
 }
 ev() { local t=$1; shift; timeout "$t" "$PY" -m lit_llama_lab.cli evaluate --batch_size 400 "$@"; }
 evals() {  # one line per evaluation report under the folder $1 (default runs/eval)
@@ -135,7 +139,7 @@ style)
   ;;
 variants)
   IFS='|' read -ra VS <<< "${VARIANTS:?set VARIANTS}"; NG=$(nvidia-smi -L | wc -l); i=0
-  ls /root/llcache/replay/*.jsonl > /dev/null 2>&1 || replay_cache 0 200
+  replay_cache 0 200
   for v in "${VS[@]}"; do n=${v%%:*}; a=${v#*:}; g=$(( i++ % NG ))
     (t=$(date +%s); CUDA_VISIBLE_DEVICES=$g timeout ${FIT_TIMEOUT:-300} bash -c "$(declare -f fit); PY=$PY; fit --trainer.logger.init_args.name $n $a" > $W/fit-$n.log 2>&1
      log "$n fit rc=$? wall $(( $(date +%s) - t )) s ($a)") &
