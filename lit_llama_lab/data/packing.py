@@ -4,11 +4,20 @@ example and ``document_ids`` (each token's example within its row, -1 on padding
 The data layer builds no attention mask: which form an attention kernel takes (a boolean or additive block mask, a
 flex ``BlockMask``, FlashAttention varlen's offsets) is decided and built from ``document_ids`` by
 :func:`lit_llama_lab.speed.attention.attention_inputs`, on the batch's device.
+
+**Shared prefix** (``collate_packed(..., share_prefix=True)``): the examples of a row that begin with the same
+untrained tokens (a chat template's default system prompt: 21 of an emoji chat's 47 SmolLM2 tokens) hold them once, at
+the start of the row, as its document 0; each example follows without them, its ``position_ids`` continuing where the
+prefix ends, and attends to the prefix and to itself (``prefix_lengths``: each row's prefix length, 0 for none). A
+causal model computes the prefix the same whatever follows it, so every labelled token gets the loss it would get with
+its own copy of the prefix, in fewer tokens. Mask attentions only (sdpa, eager, flex): varlen's segments cannot see
+each other.
 """
 
 from __future__ import annotations
 
 import bisect
+import os
 from collections.abc import Sequence
 
 import torch
@@ -82,40 +91,66 @@ def check_documents(document_ids: torch.Tensor, max_documents: int) -> None:
                          "offsets would merge documents. Pass the largest number of examples in a batch.")
 
 
-def collate_packed(bins: Sequence[Sequence[dict]], pad_id: int) -> dict:
+def shared_prefix_length(examples: Sequence[dict]) -> int:
+    """How many leading tokens ``examples`` (two or more) can share in a row: their common token prefix, cut so that
+    no example has a label on it or on the token after it (that token is predicted from the prefix's last one, which
+    the row holds once). 0 for fewer than two examples."""
+    if len(examples) < 2:
+        return 0
+    shared = len(os.path.commonprefix([list(ex["input_ids"]) for ex in examples]))
+    for ex in examples:
+        labels = ex["labels"]
+        first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+        shared = min(shared, first - 1)
+    return max(shared, 0)
+
+
+def collate_packed(bins: Sequence[Sequence[dict]], pad_id: int, share_prefix: bool = False) -> dict:
     """One row per bin: concatenated ``input_ids``/``labels``, restarting ``position_ids`` and ``document_ids``
     (padding: ``pad_id``, label ``IGNORE_INDEX``, position 0, document -1), and, when the examples carry a
-    ``distill`` flag (replay chats), a bool ``distill_mask`` over the tokens of flagged examples."""
-    lengths = [[len(ex["input_ids"]) for ex in b] for b in bins]
-    width = max(sum(row) for row in lengths)
+    ``distill`` flag (replay chats), a bool ``distill_mask`` over the tokens of flagged examples.
+
+    ``share_prefix``: each row holds its examples' shared untrained prefix once (:func:`shared_prefix_length`, see
+    the module docstring) and the batch gets ``prefix_lengths`` (``[rows]``)."""
+    prefixes = [shared_prefix_length(b) if share_prefix else 0 for b in bins]
+    lengths = [[len(ex["input_ids"]) - p for ex in b] for b, p in zip(bins, prefixes, strict=True)]
+    width = max(p + sum(row) for p, row in zip(prefixes, lengths, strict=True))
     input_ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
     labels = torch.full((len(bins), width), IGNORE_INDEX, dtype=torch.long)
     position_ids = torch.zeros((len(bins), width), dtype=torch.long)
-    for r, examples in enumerate(bins):
-        start = 0
+    for r, (examples, p) in enumerate(zip(bins, prefixes, strict=True)):
+        if p:
+            input_ids[r, :p] = torch.as_tensor(examples[0]["input_ids"][:p])
+            position_ids[r, :p] = torch.arange(p)
+        start = p
         for ex in examples:
-            n = len(ex["input_ids"])
-            input_ids[r, start:start + n] = torch.as_tensor(ex["input_ids"])
-            labels[r, start:start + n] = torch.as_tensor(ex["labels"])
-            position_ids[r, start:start + n] = torch.arange(n)
+            n = len(ex["input_ids"]) - p
+            input_ids[r, start:start + n] = torch.as_tensor(ex["input_ids"][p:])
+            labels[r, start:start + n] = torch.as_tensor(ex["labels"][p:])
+            position_ids[r, start:start + n] = torch.arange(p, p + n)
             start += n
+    rows = [[p, *row] if p else row for p, row in zip(prefixes, lengths, strict=True)]
     batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
-             "document_ids": document_ids(lengths, width)}
-    return with_distill_mask(batch, [list(b) for b in bins])
+             "document_ids": document_ids(rows, width)}
+    if share_prefix:
+        batch["prefix_lengths"] = torch.tensor(prefixes, dtype=torch.long)
+    return with_distill_mask(batch, [list(b) for b in bins], prefixes)
 
 
-def with_distill_mask(batch: dict, rows: Sequence[Sequence[dict]]) -> dict:
+def with_distill_mask(batch: dict, rows: Sequence[Sequence[dict]], prefixes: Sequence[int] | None = None) -> dict:
     """Add ``distill_mask`` (True on the tokens of examples whose ``distill`` flag is set, laid out as the rows
-    hold them back to back) when the examples carry that flag, and ``replay_ids`` (each token's example
-    ``replay_id``, -1 elsewhere) when they carry that; ``batch`` unchanged otherwise."""
+    hold them back to back, after each row's shared prefix of ``prefixes[r]`` tokens, which is never distilled) when
+    the examples carry that flag, and ``replay_ids`` (each token's example ``replay_id``, -1 elsewhere) when they carry
+    that; ``batch`` unchanged otherwise."""
     if not rows or not rows[0] or "distill" not in rows[0][0]:
         return batch
     mask = torch.zeros(batch["input_ids"].shape, dtype=torch.bool)
     ids = torch.full(batch["input_ids"].shape, -1, dtype=torch.long) if "replay_id" in rows[0][0] else None
     for r, examples in enumerate(rows):
-        start = 0
+        p = prefixes[r] if prefixes else 0
+        start = p
         for ex in examples:
-            n = len(ex["input_ids"])
+            n = len(ex["input_ids"]) - p
             mask[r, start:start + n] = bool(ex["distill"])
             if ids is not None:
                 ids[r, start:start + n] = ex["replay_id"]

@@ -29,17 +29,23 @@ BOOL_MASK_ATTENTIONS = ("sdpa", "varlen")  # varlen validates through sdpa with 
 VARLEN = "lit_varlen"  # the name varlen_attention_forward is registered under in transformers' AttentionInterface
 
 
-def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+def document_mask(doc_ids: torch.Tensor, prefix_lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Boolean ``[batch, 1, width, width]`` mask from document ids: True where a query may attend a key.
 
-    Each example attends causally within itself only. Padding positions attend to themselves alone (a fully
-    masked row would give NaN in sdpa); their outputs carry no label.
+    Each example attends causally within itself only, and also to its row's shared prefix (the first
+    ``prefix_lengths[r]`` tokens, :func:`lit_llama_lab.data.packing.collate_packed`'s ``share_prefix``) when given.
+    Padding positions attend to themselves alone (a fully masked row would give NaN in sdpa); their outputs carry no
+    label.
     """
     width = doc_ids.shape[1]
     causal = torch.ones(width, width, dtype=torch.bool, device=doc_ids.device).tril()
-    same = (doc_ids[:, :, None] == doc_ids[:, None, :]) & (doc_ids[:, :, None] >= 0)
+    real = doc_ids[:, :, None] >= 0
+    allowed = (doc_ids[:, :, None] == doc_ids[:, None, :]) & real
+    if prefix_lengths is not None:
+        keys = torch.arange(width, device=doc_ids.device)
+        allowed = allowed | ((keys[None, None, :] < prefix_lengths.to(doc_ids.device)[:, None, None]) & real)
     eye = torch.eye(width, dtype=torch.bool, device=doc_ids.device)
-    return ((same & causal) | eye).unsqueeze(1)
+    return ((allowed & causal) | eye).unsqueeze(1)
 
 
 def block_causal_mask(seq_lengths: Sequence[Sequence[int]], width: int) -> torch.Tensor:
@@ -48,27 +54,33 @@ def block_causal_mask(seq_lengths: Sequence[Sequence[int]], width: int) -> torch
     return document_mask(document_ids(seq_lengths, width))
 
 
-def flex_block_mask(doc_ids: torch.Tensor):
+def flex_block_mask(doc_ids: torch.Tensor, prefix_lengths: torch.Tensor | None = None):
     """A flex-attention ``BlockMask`` equal to :func:`document_mask`, built on ``doc_ids``' device (it neither
     pickles nor moves devices: build it where it is used)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    prefix = (torch.zeros(doc_ids.shape[0], dtype=torch.long, device=doc_ids.device) if prefix_lengths is None
+              else prefix_lengths.to(doc_ids.device))
+
     def mask_mod(b, h, q, kv):
-        return ((doc_ids[b, q] == doc_ids[b, kv]) & (q >= kv)) | (q == kv)
+        seen = (doc_ids[b, q] == doc_ids[b, kv]) | ((kv < prefix[b]) & (doc_ids[b, q] >= 0))
+        return (seen & (q >= kv)) | (q == kv)
 
     batch, width = doc_ids.shape
     return create_block_mask(mask_mod, batch, None, width, width, device=doc_ids.device, _compile=False)
 
 
-def packed_attention_mask(doc_ids: torch.Tensor, attention: str = "sdpa", dtype: torch.dtype = torch.float32):
-    """The block-diagonal causal mask in the form ``attention`` takes (see the module docstring).
+def packed_attention_mask(doc_ids: torch.Tensor, attention: str = "sdpa", dtype: torch.dtype = torch.float32,
+                          prefix_lengths: torch.Tensor | None = None):
+    """The block-diagonal causal mask in the form ``attention`` takes (see the module docstring), each row's shared
+    prefix visible to its examples when ``prefix_lengths`` is given.
 
     ``dtype`` matters for eager only: the additive mask must be in the model's compute dtype. ``varlen`` gets
     sdpa's boolean mask (its validation runs through sdpa).
     """
     if attention == "flex_attention":
-        return flex_block_mask(doc_ids)
-    mask = document_mask(doc_ids)
+        return flex_block_mask(doc_ids, prefix_lengths)
+    mask = document_mask(doc_ids, prefix_lengths)
     if attention == "eager":
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
     if attention in BOOL_MASK_ATTENTIONS:
@@ -104,12 +116,16 @@ def attention_inputs(batch: dict, attention: str, dtype: torch.dtype = torch.flo
     if not is_packed(batch):
         return batch
     ids = batch_document_ids(batch)
-    out = {k: v for k, v in batch.items() if k != "attention_mask"}
+    out = {k: v for k, v in batch.items() if k not in ("attention_mask", "prefix_lengths")}
+    prefix = batch.get("prefix_lengths")
+    if attention == "varlen" and prefix is not None:
+        raise ValueError("This batch holds shared prefixes (--data.share_prefix), which FlashAttention varlen cannot "
+                         "attend across; train it with sdpa, eager or flex_attention, or without --data.share_prefix.")
     if attention == "varlen":
         bound = batch.get("max_documents")
         out.update(varlen_keys(ids, count_documents(ids) if bound is None else bound))
     else:
-        out["attention_mask"] = packed_attention_mask(ids, attention, dtype)
+        out["attention_mask"] = packed_attention_mask(ids, attention, dtype, prefix)
     return out
 
 

@@ -23,8 +23,8 @@ class TrainStep:
     a graph per batch shape (:class:`lit_llama_lab.speed.graphs.GraphedLoss`). Otherwise logits are computed at
     labelled positions only, in chunks (:func:`lit_llama_lab.speed.loss.chunked_label_loss`). Both compute the same
     loss. The batch gets the plan's attention inputs (:func:`lit_llama_lab.speed.attention.attention_inputs`); a
-    packed batch without the data module's ``max_documents`` bound trains a varlen plan through the sdpa mask (the
-    varlen function's fallback), as validation does.
+    packed batch without the data module's ``max_documents`` bound, or with shared prefixes (``--data.share_prefix``),
+    trains a varlen plan through the sdpa mask (the varlen function's fallback), as validation does.
     """
 
     def __init__(self, model, plan: Plan, pad_id: int, distill_weight: float = 0.0) -> None:
@@ -42,7 +42,7 @@ class TrainStep:
     def inputs(self, batch: dict) -> dict:
         """``batch`` with the attention inputs the plan's training attention takes."""
         attention = self.plan.attention
-        if attention == "varlen" and "max_documents" not in batch:
+        if attention == "varlen" and ("max_documents" not in batch or "prefix_lengths" in batch):
             attention = self.plan.eval_attention
         return attention_inputs(batch, attention, self.plan.compute_dtype)
 

@@ -190,7 +190,7 @@ def test_a_global_batch_is_shared_among_the_devices_and_must_divide():
     assert ChatDataModule(source="emoji", batch_size=5).device_batch_size == 5
 
 
-def test_the_cpu_emoji_config_is_the_emoji_config_with_only_its_three_sizes_changed():
+def test_the_cpu_emoji_config_is_the_emoji_config_with_only_its_sizes_and_the_shared_prefix_changed():
     import yaml
 
     gpu, cpu = (yaml.safe_load((ROOT / "configs" / f).read_text()) for f in ("emoji.yaml", "emoji-cpu.yaml"))
@@ -205,7 +205,8 @@ def test_the_cpu_emoji_config_is_the_emoji_config_with_only_its_three_sizes_chan
     a, b = flat(gpu), flat(cpu)
     changed = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
     assert changed == {"trainer.max_epochs", "data.replay.ratio", "data.replay.max_new_tokens",
-                       "trainer.callbacks.2.init_args.every_n_validations"}
+                       "trainer.callbacks.2.init_args.every_n_validations", "data.share_prefix"}
+    assert b["data.share_prefix"] is True  # the same loss in fewer tokens; the GPU's varlen attention cannot share
     assert b["trainer.max_epochs"] < a["trainer.max_epochs"] and b["data.replay.ratio"] < a["data.replay.ratio"]
     # a twentieth of replay needs fewer usable answers, so the CPU keeps the 160-token default budget (cheaper to generate)
     assert "data.replay.max_new_tokens" not in b and a["data.replay.max_new_tokens"] > 160

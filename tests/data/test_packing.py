@@ -135,3 +135,62 @@ def test_collate_padded_and_efficiency():
     assert padding_efficiency(padded) == pytest.approx(4 / 6)
     packed = collate_packed([examples], 0)
     assert packed["position_ids"].tolist() == [[0, 1, 2, 0]] and padding_efficiency(packed) == 1.0
+
+
+def test_shared_prefix_length_stops_before_the_first_trained_token_and_its_predecessor():
+    from lit_llama_lab.data.packing import shared_prefix_length
+
+    a = {"input_ids": [1, 2, 3, 4, 9, 9], "labels": [-100, -100, -100, -100, 9, 9]}
+    b = {"input_ids": [1, 2, 3, 5, 8], "labels": [-100, -100, -100, -100, 8]}
+    assert shared_prefix_length([a, b]) == 3  # the common prefix [1, 2, 3]
+    early = {"input_ids": [1, 2, 3, 4, 7], "labels": [-100, -100, 3, 4, 7]}  # trained from index 2
+    assert shared_prefix_length([a, early]) == 1  # token 2 is trained: its predecessor (index 1) is the example's own
+    assert shared_prefix_length([a]) == 0 and shared_prefix_length([a, {"input_ids": [5], "labels": [-100]}]) == 0
+
+
+def emoji_and_general_examples(tokenizer):
+    """Three emoji chats and two ordinary ones, none with a system message: the template adds its default one."""
+    from lit_llama_lab.tasks.emoji.rows import build_emoji_rows, emoji_messages
+
+    chats = [emoji_messages(row) for row in build_emoji_rows()[:3]]
+    chats += [CHATS[0], CHATS[2]]
+    return [{"input_ids": c.input_ids, "labels": c.labels} for c in (assistant_labels(tokenizer, m) for m in chats)]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flex_attention"])
+def test_a_shared_prefix_gives_every_trained_token_the_loss_it_has_alone_in_fewer_tokens(attn, no_compile):
+    """--data.share_prefix: the default system prompt held once per row; the per-token losses equal each example's
+    alone (tiny Llama, SmolLM2's real tokenizer and template), and the row is shorter by the copies left out."""
+    model, tokenizer = load_base_model("tiny-random", quantize="none", compute_dtype=torch.float32, device="cpu",
+                                       attn_implementation=attn)
+    examples = emoji_and_general_examples(tokenizer)
+    pad = tokenizer.pad_token_id
+    shared = collate_packed([examples[:3], examples[3:]], pad, share_prefix=True)
+    prefixes = shared["prefix_lengths"].tolist()
+    system = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    assert "You are a helpful AI assistant" in system and min(prefixes) >= 20  # the default system prompt, once a row
+    assert shared["input_ids"].shape[1] == max(sum(len(e["input_ids"]) for e in examples[:3]) - 2 * prefixes[0],
+                                                sum(len(e["input_ids"]) for e in examples[3:]) - prefixes[1])
+    assert shared["document_ids"][0, :prefixes[0]].eq(0).all() and shared["position_ids"][0, prefixes[0]] == prefixes[0]
+    with torch.no_grad():
+        together = label_loss(model, attention_inputs(shared, attn), reduction="none")[0]
+        alone = torch.cat([label_loss(model, collate_padded([ex], pad), reduction="none")[0] for ex in examples])
+    assert together.shape == alone.shape and together.numel() > 30
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+    # without the prefix in their mask the examples lose their system prompt: the test can fail
+    blind = attention_inputs({k: v for k, v in shared.items() if k != "prefix_lengths"}, attn)
+    with torch.no_grad():
+        assert not torch.allclose(label_loss(model, blind, reduction="none")[0], alone, atol=1e-3)
+
+
+def test_shared_prefix_batches_are_refused_by_varlen_and_lay_the_distill_mask_after_the_prefix(smol_tokenizer):
+    examples = emoji_and_general_examples(smol_tokenizer)[:3]
+    flagged = [{**e, "distill": i == 1, "replay_id": 0 if i == 1 else -1} for i, e in enumerate(examples)]
+    batch = collate_packed([flagged], smol_tokenizer.pad_token_id, share_prefix=True)
+    p = int(batch["prefix_lengths"][0])
+    first = len(examples[0]["input_ids"]) - p
+    second = slice(p + first, p + first + len(examples[1]["input_ids"]) - p)
+    assert batch["distill_mask"][0].nonzero().flatten().tolist() == list(range(second.start, second.stop))
+    assert batch["replay_ids"][0, second].eq(0).all() and batch["replay_ids"][0, :p].eq(-1).all()
+    with pytest.raises(ValueError, match="share_prefix"):
+        attention_inputs({**batch, "max_documents": 8}, "varlen")

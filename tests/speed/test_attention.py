@@ -231,3 +231,19 @@ def test_padded_batches_keep_their_2d_mask():
     batch = {"input_ids": torch.ones(2, 3, dtype=torch.long), "attention_mask": torch.tensor([[1, 1, 1], [1, 0, 0]])}
     for attention in ("sdpa", "eager", "flex_attention", "varlen"):
         assert attention_inputs(batch, attention) is batch
+
+
+def test_data_module_shares_the_system_prompt_once_a_row_when_asked_and_refuses_it_unpacked(tmp_path):
+    from tests.data.test_datamodule import module
+
+    data = module(tmp_path, max_seq_length=512, share_prefix=True)
+    data.setup()
+    batch = data.on_before_batch_transfer(dict(next(iter(data.train_dataloader()))), 0)
+    assert "max_documents" not in batch and batch["prefix_lengths"].min() > 0  # varlen does not train these
+    same = module(tmp_path, max_seq_length=512)
+    same.setup()
+    plain = next(iter(same.train_dataloader()))
+    assert torch.equal(batch["labels"][batch["labels"] != -100], plain["labels"][plain["labels"] != -100])
+    assert (batch["document_ids"] >= 0).sum() < (plain["document_ids"] >= 0).sum()
+    with pytest.raises(ValueError, match="needs packing"):
+        module(tmp_path, packing=False, share_prefix=True)

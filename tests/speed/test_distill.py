@@ -123,3 +123,44 @@ def test_cached_teacher_gives_the_loss_and_gradients_of_the_base_run_in_the_step
     wrong = TeacherCache(cache.table, torch.zeros_like(cache.offsets))
     step.teacher = wrong
     assert abs(float(step(batch)) - float(in_step)) > 1e-4
+
+
+def test_a_shared_prefix_trains_the_same_loss_and_gradients_with_the_teacher_in_the_step_or_cached():
+    """--data.share_prefix on chats with replay among them: TrainStep's distilled loss and adapter gradients equal
+    those of the same rows without sharing, with the base run in the step and read from a TeacherCache (whose
+    index then meets positions that start after the prefix)."""
+    from lit_llama_lab.data.masking import assistant_labels
+    from lit_llama_lab.train.step import TrainStep
+
+    module = QLoRAModule(name_or_path="tiny-random", quantize="none", lora=LoraArgs(r=4, alpha=8, dropout=0.0))
+    module.configure_model()
+    tok = module.tokenizer
+    chats = [("What is 🐼?", "That is the panda emoji.", -1), ("Name a red fruit.", "An apple is a red fruit.", 0),
+             ("Count to three.", "One, two, three.", 1), ("What is 🎂?", "That is the birthday cake emoji.", -1)]
+    examples = []
+    for question, answer, replay in chats:
+        chat = assistant_labels(tok, [{"role": "user", "content": question}, {"role": "assistant", "content": answer}])
+        examples.append({"input_ids": chat.input_ids, "labels": chat.labels, "distill": replay >= 0,
+                         "replay_id": replay})
+    bins = [examples[:2], examples[2:]]
+    plain, shared = (collate_packed(bins, tok.pad_token_id, share_prefix=s) for s in (False, True))
+    assert shared["input_ids"].numel() < plain["input_ids"].numel() - 30
+    with torch.no_grad():
+        for name, p in module.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    step = TrainStep(module.model, module.plan, tok.pad_token_id, distill_weight=2.0)
+
+    def loss_and_grads(batch):
+        module.model.zero_grad(set_to_none=True)
+        loss = step(batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for n, p in module.model.named_parameters() if p.requires_grad]
+
+    for teacher in ("in the step", "cached"):
+        if teacher == "cached":
+            step.cache_teacher([examples[1]["input_ids"], examples[2]["input_ids"]])
+        (a, a_grads), (b, b_grads) = loss_and_grads(plain), loss_and_grads(shared)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m, t=teacher: f"{t}: {m}")
+        for x, y in zip(b_grads, a_grads, strict=True):
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
