@@ -53,6 +53,10 @@ class TrainStep:
         loss_fn = partial(distilled_label_loss, weight=self.distill_weight, teacher=teacher,
                           fixed_shapes=self.plan.cuda_graphs) if distill else fast_label_loss
         if self.plan.cuda_graphs:
+            if "prefix_lengths" in batch:
+                raise ValueError("--data.share_prefix batches are not trained under CUDA graphs (their shared "
+                                 "prefixes need a mask attention, a GPU trains faster with varlen and no sharing): "
+                                 "set --data.share_prefix false, or --model.speed.cuda_graphs false.")
             if self.graphed is None:
                 self.graphed = GraphedLoss(self.model, loss_fn)
             batch = pad_packed_batch(batch, self.plan.graph_pad_multiple, self.pad_id)

@@ -164,3 +164,8 @@ def test_a_shared_prefix_trains_the_same_loss_and_gradients_with_the_teacher_in_
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m, t=teacher: f"{t}: {m}")
         for x, y in zip(b_grads, a_grads, strict=True):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6)
+    import dataclasses
+
+    step.plan = dataclasses.replace(step.plan, cuda_graphs=True)  # a GPU plan's graphs: refused before any capture
+    with pytest.raises(ValueError, match="share_prefix false, or --model.speed.cuda_graphs false"):
+        step(shared)
