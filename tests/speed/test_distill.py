@@ -1,6 +1,8 @@
 """KL to the frozen base on replay tokens: the fused chunked KL equals plain autograd, and on the tiny Llama the
 distilled loss is the cross-entropy plus the weighted KL, zero where the model is the base."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -9,7 +11,6 @@ from lit_llama_lab.speed.attention import attention_inputs
 from lit_llama_lab.speed.distill import distilled_label_loss, linear_kl
 from lit_llama_lab.speed.loss import fast_label_loss
 from lit_llama_lab.train.args import LoraArgs
-from lit_llama_lab.train.module import QLoRAModule
 
 
 def reference_kl(hidden, base, weight, mask):
@@ -17,6 +18,17 @@ def reference_kl(hidden, base, weight, mask):
     logp = torch.log_softmax(base @ weight.T, -1)
     per_row = (logp.exp() * (logp - logq)).sum(-1)
     return (per_row * mask).sum() / mask.sum().clamp(min=1)
+
+
+def cpu_module(lora: LoraArgs) -> SimpleNamespace:
+    """The tiny Llama with adapters as a CPU run builds it (``model``, ``tokenizer``, ``plan``), on a GPU host too:
+    these tests compare fp32 sums on CPU batches."""
+    from lit_llama_lab.train.args import PrecisionArgs, SpeedArgs
+    from lit_llama_lab.train.build import build, plan_for
+
+    plan = plan_for("tiny-random", "none", PrecisionArgs(), SpeedArgs(), lora, device="cpu")
+    model, tokenizer = build("tiny-random", "none", lora, plan, None, training=True)
+    return SimpleNamespace(model=model, tokenizer=tokenizer, plan=plan)
 
 
 @pytest.mark.parametrize("chunk", [0, 3])
@@ -45,8 +57,7 @@ def tiny_batch(tokenizer, distill):
 
 
 def test_distilled_loss_is_cross_entropy_plus_weighted_kl_to_the_base():
-    module = QLoRAModule(name_or_path="tiny-random", quantize="none", lora=LoraArgs(r=4, alpha=8))
-    module.configure_model()
+    module = cpu_module(LoraArgs(r=4, alpha=8))
     batch = tiny_batch(module.tokenizer, distill=True)
     assert batch["distill_mask"].tolist()[1][:2] == [True, True] and not batch["distill_mask"][0, 0]
     plain = fast_label_loss(module.model, batch)
@@ -92,8 +103,7 @@ def test_cached_teacher_gives_the_loss_and_gradients_of_the_base_run_in_the_step
     from lit_llama_lab.speed.distill import TeacherCache
     from lit_llama_lab.train.step import TrainStep
 
-    module = QLoRAModule(name_or_path="tiny-random", quantize="none", lora=LoraArgs(r=4, alpha=8, dropout=0.0))
-    module.configure_model()
+    module = cpu_module(LoraArgs(r=4, alpha=8, dropout=0.0))
     tok = module.tokenizer
     texts = [("a red apple", 0, -1), ("the sea is blue today", 1, 0), ("one two", 1, 1), ("green tea, hot", 1, 2)]
     examples = [{"input_ids": tok(t)["input_ids"], "labels": tok(t)["input_ids"], "distill": d, "replay_id": i}
@@ -132,9 +142,8 @@ def test_a_shared_prefix_trains_the_same_loss_and_gradients_with_the_teacher_in_
     from lit_llama_lab.data.masking import assistant_labels
     from lit_llama_lab.train.step import TrainStep
 
-    module = QLoRAModule(name_or_path="tiny-random", quantize="none", lora=LoraArgs(r=4, alpha=8, dropout=0.0))
-    module.configure_model()
-    tok = module.tokenizer
+    cpu = cpu_module(LoraArgs(r=4, alpha=8, dropout=0.0))
+    model, tok, plan = cpu.model, cpu.tokenizer, cpu.plan
     chats = [("What is 🐼?", "That is the panda emoji.", -1), ("Name a red fruit.", "An apple is a red fruit.", 0),
              ("Count to three.", "One, two, three.", 1), ("What is 🎂?", "That is the birthday cake emoji.", -1)]
     examples = []
@@ -146,16 +155,16 @@ def test_a_shared_prefix_trains_the_same_loss_and_gradients_with_the_teacher_in_
     plain, shared = (collate_packed(bins, tok.pad_token_id, share_prefix=s) for s in (False, True))
     assert shared["input_ids"].numel() < plain["input_ids"].numel() - 30
     with torch.no_grad():
-        for name, p in module.model.named_parameters():
+        for name, p in model.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.5)
-    step = TrainStep(module.model, module.plan, tok.pad_token_id, distill_weight=2.0)
+    step = TrainStep(model, plan, tok.pad_token_id, distill_weight=2.0)
 
     def loss_and_grads(batch):
-        module.model.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
         loss = step(batch)
         loss.backward()
-        return loss.detach(), [p.grad.clone() for n, p in module.model.named_parameters() if p.requires_grad]
+        return loss.detach(), [p.grad.clone() for n, p in model.named_parameters() if p.requires_grad]
 
     for teacher in ("in the step", "cached"):
         if teacher == "cached":
