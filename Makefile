@@ -66,7 +66,7 @@ test-llamacpp: $(LLAMACPP_STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check lit_llama_lab tests scripts docs
 
-# Without a CUDA GPU the CPU-sized recipe (configs/emoji-cpu.yaml: 4 epochs, replay 0.05), announced; EMOJI_CONFIG=... overrides.
+# Without a CUDA GPU the CPU-sized recipe (configs/emoji-cpu.yaml: 5 epochs, replay 0.05, the system prompt once a row), announced; EMOJI_CONFIG=... overrides.
 train-emoji: $(STAMP)
 	@config=$${EMOJI_CONFIG:-$$($(BIN)/python -c "import torch; print('configs/emoji.yaml' if torch.cuda.is_available() else 'configs/emoji-cpu.yaml')")}; \
 	[ "$$config" = configs/emoji-cpu.yaml ] && echo "No CUDA GPU found: training with $$config (the emoji recipe sized for a CPU; README: Train)."; \
