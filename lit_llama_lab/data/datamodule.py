@@ -80,11 +80,8 @@ class ChatDataModule(L.LightningDataModule):
             examples. Replaces ``batch_size`` when set.
         packing: padding-free rows with restarting ``position_ids`` (each example attends only to itself);
             otherwise right-padded rows.
-        share_prefix: with ``packing``, each row holds the untrained tokens its examples begin with (the chat
-            template's default system prompt) once, and every example attends to them
-            (:func:`lit_llama_lab.data.packing.collate_packed`): the same loss in fewer tokens (an emoji chat: 26
-            instead of 47). For mask attentions (CPU: sdpa); a GPU plan with FlashAttention varlen trains such batches
-            through sdpa, slower than varlen without sharing, so the GPU config leaves it off.
+        share_prefix: with ``packing``, the untrained tokens a row's examples begin with, held once
+            (:func:`lit_llama_lab.data.packing.collate_packed`): the same loss in fewer tokens; mask attentions only.
         test_fraction: share of rows held out for testing, never trained on.
         val_fraction: share of rows (taken from the training part) used for validation.
         seed: seeds the split and a task format's per-row choices (the emoji question's wording).
@@ -324,8 +321,7 @@ class ChatDataModule(L.LightningDataModule):
         """Count the labelled tokens (``num_labelled``, the loss's logging weight) while the batch is on the CPU:
         counting on a GPU would make the host wait for it every step. Packed batches also get ``max_documents``
         (``batch_size``: every example is one document), the fixed bound varlen's offsets are sized by
-        (:func:`lit_llama_lab.speed.attention.varlen_keys`), checked here; not batches with shared prefixes, which
-        varlen does not train."""
+        (:func:`lit_llama_lab.speed.attention.varlen_keys`), checked here (not with shared prefixes: no varlen)."""
         batch["num_labelled"] = labelled_next_tokens(batch["labels"])
         if "document_ids" in batch and "prefix_lengths" not in batch:
             batch["max_documents"] = self.device_batch_size
