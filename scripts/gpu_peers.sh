@@ -13,24 +13,14 @@
 # for the synthetic benches (e.g. --loss_steps 0 to time speed only).
 set -u
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 UNSLOTH_COMPILE_LOCATION=/tmp/unsloth_cc
-OUT=${OUT:?set OUT}; mkdir -p "$OUT" /root/gpu/whl3 /root/gpu/whl4; PY=python3; START=$(date +%s)
+OUT=${OUT:?set OUT}; mkdir -p "$OUT"; PY=python3; START=$(date +%s)
 log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.txt"; }
-for d in whl3 whl4; do [ -d .$d ] && cp .$d/*.whl /root/gpu/$d/; done
-ls /root/gpu/whl4/*.whl >/dev/null 2>&1 && "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site --upgrade /root/gpu/whl4/*.whl 2>&1 | grep -v -i warn
-"$PY" -c "import trl, liger_kernel.transformers; print('trl', trl.__version__)" >> "$OUT/summary.txt" 2>&1
-if ls /root/gpu/whl3/*.whl >/dev/null 2>&1 && { [ -d .whl3 ] || [ ! -d /tmp/unsloth-site/unsloth ]; }; then  # .whl first, then .whl3 over it (dill, multiprocess: its versions)
-  rm -rf /tmp/unsloth-site
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/unsloth-site \
-    $(ls /root/gpu/whl/*.whl | grep -v -E '/(datasets|transformers)-') 2>&1 | grep -v -i warn
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/unsloth-site --upgrade /root/gpu/whl3/*.whl 2>&1 | grep -v -i warn
-fi
-US=/tmp/unsloth-site:$PWD:/root/smol/site-packages  # Unsloth's PYTHONPATH: the host's transformers 5.17, not /tmp/site's
+source scripts/gpu_peer_sites.sh  # .whl3/.whl4 installed; US: Unsloth's PYTHONPATH
 unsloth_test() {  # Unsloth's GPU test (unsloth imported before anything imports transformers), timeout $1 s
   PYTHONPATH=$US timeout "$1" "$PY" -c "import unsloth, sys, pytest; sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', 'tests/gpu/test_peers.py', '-k', 'unsloth']))" \
     > "$OUT/unsloth-test.log" 2>&1
 }
 FT_PATHS=${FINETOME_PATHS-baseline+amp,ours+varlen+compile+graphs,trl+liger}  # set and empty: no FineTome bench
-PYTHONPATH=$US "$PY" -c "import unsloth, transformers; print('unsloth', unsloth.__version__, 'transformers', transformers.__version__)" >> "$OUT/summary.txt" 2>&1
 log "installed"
 case ${STAGE:-all} in all|1)
 # the synthetic 1B bench on GPU 0 (each path its own process); the TRL/Liger GPU tests on GPU 1 meanwhile, then Unsloth's

@@ -96,3 +96,35 @@ def keep_fp32_activations(model) -> bool:
             linear.register_forward_hook(lambda module, args, out: out.to(module._input_dtype))
     decoder._fp32_activations = True
     return True
+
+
+class ComputeDtypeLinear(torch.nn.Linear):
+    """An adapter matrix kept in fp32 (what the optimizer updates) that multiplies in :attr:`compute_dtype`: input
+    and weight are cast to it and so is the output, as bf16 autocast runs the plain stack's adapters. The caller
+    (peft's LoRA layer) adds the output to the frozen projection's in the activations' dtype, so with fp32
+    activations the sum keeps the adapter's update. A class swap only: parameters, names and checkpoints are those
+    of the ``torch.nn.Linear`` it was."""
+
+    compute_dtype: torch.dtype = torch.bfloat16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = self.compute_dtype
+        bias = None if self.bias is None else self.bias.to(dtype)
+        return torch.nn.functional.linear(x.to(dtype), self.weight.to(dtype), bias)
+
+
+def adapter_matmuls_in(model, dtype: torch.dtype) -> int:
+    """Make every LoRA A and B matrix of ``model`` multiply in ``dtype`` (:class:`ComputeDtypeLinear`); returns how
+    many. fp32 adapters fed fp32 activations otherwise multiply in fp32 (TF32 on a GPU when allowed): at the 1B shape
+    these thin matmuls read and write fp32 activation-sized tensors. Call after peft made the adapters."""
+    from peft.tuners.lora import LoraLayer
+
+    swapped = 0
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer):
+            for linear in [*layer.lora_A.values(), *layer.lora_B.values()]:
+                if type(linear) is torch.nn.Linear:
+                    linear.__class__ = ComputeDtypeLinear
+                    linear.compute_dtype = dtype
+                    swapped += 1
+    return swapped

@@ -7,6 +7,7 @@ path is training's own plan, builder and step, and each result row says what it 
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict
@@ -106,6 +107,7 @@ def bench(
     devices: int = 1,
     workload: Literal["synthetic", "finetome"] = "synthetic",
     conversations: int = 100_000,
+    unsloth_pythonpath: str | None = None,
     output: str | None = None,
 ) -> dict:
     """Benchmark QLoRA training steps: the plain transformers+peft+bitsandbytes stack against training's step.
@@ -121,7 +123,7 @@ def bench(
         doc_len: length of the packed documents in the speed batch (position_ids restart every doc_len tokens).
         device: ``auto`` (CUDA when present), ``cuda`` or ``cpu``. bf16 compute on GPU, fp32 on CPU.
         paths: comma-separated: baseline (the issue's recipe: no autocast), baseline+amp (bf16 autocast), ours, or
-            ours+modifiers (sdpa|flex|varlen, compile, liger, graphs, bf16act). ``ours`` is training's plan, setup
+            ours+modifiers (sdpa|flex|varlen, compile, liger, graphs, bf16act, bf16lora, fp32lora). ``ours`` is training's plan, setup
             and step with ``speed`` and ``precision`` as settings and the modifiers over them. ``auto``: on a GPU
             baseline, baseline+amp, ours+graphs+compile (the sdpa mask, training's previous default) and
             ours+varlen+compile+graphs (what training runs for a 1B model on a GPU); on a CPU baseline and ours.
@@ -143,6 +145,8 @@ def bench(
             <= 2048 tokens, as ``configs/finetome-tuned.yaml``), every path in this process, and the projected time
             of ``conversations`` conversations beside the seed's FineTome-100k epoch.
         conversations: how many conversations the ``finetome`` workload projects.
+        unsloth_pythonpath: the ``PYTHONPATH`` the ``unsloth`` path's process runs with (default: this process's), so
+            one invocation can bench Unsloth from a site of its own beside ours (Unsloth pins another transformers).
         devices: GPUs (processes) per path. Above 1, each path runs on 1 and then on ``devices`` GPUs, each rank its
             own batch of the same shape, the adapters' gradients averaged after every backward as
             :class:`lit_llama_lab.train.ddp.QLoRADDPStrategy` does (:mod:`lit_llama_lab.tools.bench_devices`):
@@ -232,8 +236,11 @@ def _bench_isolated(arguments: dict, paths: list[str], output: str | None) -> di
             code += (f"import json, sys, torch; torch.set_num_threads({torch.get_num_threads()}); "
                     "from lit_llama_lab.tools.bench import bench; bench(**json.loads(sys.argv[1]))")
             last = "no output"
+            env = dict(os.environ)
+            if path == "unsloth" and arguments.get("unsloth_pythonpath"):
+                env["PYTHONPATH"] = arguments["unsloth_pythonpath"]
             with subprocess.Popen([sys.executable, "-c", code, json.dumps(child)], stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True) as run:
+                                  stderr=subprocess.STDOUT, text=True, env=env) as run:
                 for line in run.stdout:  # the child's progress, as it comes
                     print(line, end="", flush=True)
                     last = line.strip() or last

@@ -61,12 +61,19 @@ class PrecisionArgs:
             a process-wide setting): with fp32 activations these are the adapters' matmuls, which otherwise run on
             plain fp32 cores. Inputs keep 10 mantissa bits and sums stay fp32: finer than the bf16 the plain stack
             computes them in under autocast. The 4-bit base matmuls run in the compute dtype either way.
+        adapter_matmuls: the dtype the LoRA matrices multiply in; they stay fp32 for the optimizer either way.
+            ``compute``: inputs and weights cast to the compute dtype, as bf16 autocast runs them in the plain stack;
+            with fp32 activations each adapter's sum with its frozen projection is still fp32. ``float32``: fp32
+            (TF32 with ``tf32``). ``auto``: ``compute`` on a GPU for models of hidden size >= 1024 with fp32
+            activations, where these thin matmuls over fp32 activations cost about a tenth of the 1B step; else
+            ``float32`` (small models are bound by kernel launches, not by these matmuls).
     """
 
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     quant_storage: Literal["auto", "uint8", "bfloat16", "float16", "float32"] = "auto"
     fp32_activations: bool = True
     tf32: bool = True
+    adapter_matmuls: Literal["auto", "compute", "float32"] = "auto"
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ import torch
 from lit_llama_lab.model.adapters import apply_init_adapter, read_init_adapter
 from lit_llama_lab.model.fsdp import wrap_for_fsdp
 from lit_llama_lab.model.load import load_base_model
-from lit_llama_lab.model.precision import keep_fp32_activations
+from lit_llama_lab.model.precision import adapter_matmuls_in, keep_fp32_activations
 from lit_llama_lab.speed.attention import use_attention
 from lit_llama_lab.speed.compile import apply_liger, checkpoint_kwargs, compile_decoder_layers
 from lit_llama_lab.speed.dequantize import cache_dequantized_weights
@@ -64,6 +64,8 @@ def build(name_or_path: str, quantize: str, lora: LoraArgs, plan: Plan, init_ada
     if init_state is not None:
         apply_init_adapter(model, init_state, init_adapter)
         log.info("Adapters start from %s (%d tensors).", init_adapter, len(init_state))
+    if plan.adapter_matmul_dtype != torch.float32:
+        adapter_matmuls_in(model, plan.adapter_matmul_dtype)
     if plan.dequantize_once:
         cache_dequantized_weights(model)
     if plan.compile:

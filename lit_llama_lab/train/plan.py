@@ -82,6 +82,7 @@ class Plan:
     gradient_checkpointing: bool
     liger: bool = False
     fsdp: bool = False
+    adapter_matmul_dtype: torch.dtype = torch.float32
     autocast: str = "none"
     reasons: tuple[str, ...] = ()
 
@@ -100,14 +101,15 @@ class Plan:
         """The plan as plain JSON values (dtypes by name), for logs and bench results."""
         values = asdict(self)
         values.update(compute_dtype=dtype_name(self.compute_dtype), quant_storage=dtype_name(self.quant_storage),
-                      reasons=list(self.reasons))
+                      adapter_matmul_dtype=dtype_name(self.adapter_matmul_dtype), reasons=list(self.reasons))
         return values
 
     def summary(self) -> str:
         """One line: what the step runs."""
         parts = [f"{dtype_name(self.compute_dtype)} compute", f"autocast {self.autocast}",
                  "fp32 activations" if self.fp32_activations else "activations in the compute dtype",
-                 "TF32" if self.tf32 else "no TF32", f"{self.attention} attention",
+                 "TF32" if self.tf32 else "no TF32", f"adapter matmuls in {dtype_name(self.adapter_matmul_dtype)}",
+                 f"{self.attention} attention",
                  "compiled layers" if self.compile else "eager layers",
                  "dequantized once" if self.dequantize_once else "dequantized at every use",
                  f"CUDA graphs (rows padded to {self.graph_pad_multiple})" if self.cuda_graphs else "no CUDA graphs",
@@ -164,6 +166,22 @@ def resolve_dequantize_once(setting, target: Target, compute: torch.dtype, reaso
     return on
 
 
+def resolve_adapter_matmuls(setting: str, fp32_activations: bool, compute: torch.dtype, target: Target,
+                            reasons: list[str]) -> torch.dtype:
+    """The dtype the LoRA matrices multiply in. ``auto``: the compute dtype on a GPU for a model at least
+    :data:`COMPILE_MIN_HIDDEN` wide with fp32 activations (the 1B step is bound by arithmetic and bandwidth there),
+    else fp32 (the adapters' own dtype)."""
+    if setting not in ("auto", "compute", "float32"):
+        raise ValueError(f"--model.precision.adapter_matmuls {setting!r}: use auto, compute or float32.")
+    if setting != "auto":
+        return compute if setting == "compute" else torch.float32
+    on = (target.device.type == "cuda" and fp32_activations and compute != torch.float32
+          and target.hidden_size >= COMPILE_MIN_HIDDEN)
+    reasons.append(f"adapter_matmuls {dtype_name(compute) if on else 'float32'}: {target.device.type}, hidden size "
+                   f"{target.hidden_size} (the compute dtype from {COMPILE_MIN_HIDDEN} on a GPU with fp32 activations)")
+    return compute if on else torch.float32
+
+
 def resolve_cuda_graphs(speed: SpeedArgs, lora_dropout: float, target: Target, reasons: list[str]) -> bool:
     """CUDA graphs run on CUDA processes that run the module unwrapped (one process, or the ranks of
     :class:`lit_llama_lab.train.ddp.QLoRADDPStrategy`, which all-reduce outside the graph; a wrapper's backward
@@ -189,11 +207,12 @@ def resolve(precision: PrecisionArgs, speed: SpeedArgs, lora_dropout: float, tar
     reasons: list[str] = []
     compute = resolve_compute_dtype(precision.compute_dtype, target.device)
     on_cuda = target.device.type == "cuda"
+    fp32_activations = precision.fp32_activations and compute != torch.float32
     return Plan(
         device=str(target.device),
         compute_dtype=compute,
         quant_storage=resolve_quant_storage(precision.quant_storage, compute, sharded=target.fsdp),
-        fp32_activations=precision.fp32_activations and compute != torch.float32,
+        fp32_activations=fp32_activations,
         tf32=precision.tf32 and on_cuda,
         attention=resolve_attention(speed.attention, target, compute, reasons),
         compile=resolve_compile(speed.compile, target, reasons),
@@ -203,5 +222,7 @@ def resolve(precision: PrecisionArgs, speed: SpeedArgs, lora_dropout: float, tar
         gradient_checkpointing=speed.gradient_checkpointing,
         liger=speed.liger,
         fsdp=target.fsdp,
+        adapter_matmul_dtype=resolve_adapter_matmuls(precision.adapter_matmuls, fp32_activations, compute, target,
+                                                     reasons),
         reasons=tuple(reasons),
     )

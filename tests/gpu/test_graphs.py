@@ -13,12 +13,18 @@ from tests.helpers import make_module, packed_emoji
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (run on the GPU host)")]
 
 
-def test_graph_replay_gives_the_eager_losses_and_gradients():
-    """Three AdamW steps over two batch shapes, graphed vs eager, from the same adapter init (tiny 4-bit model)."""
+@pytest.mark.parametrize("adapter_matmuls", ["float32", "compute"])
+def test_graph_replay_gives_the_eager_losses_and_gradients(adapter_matmuls):
+    """Three AdamW steps over two batch shapes, graphed vs eager, from the same adapter init (tiny 4-bit model), with
+    the adapters multiplying in fp32 (TF32) and in bf16 (the 1B default)."""
+    from lit_llama_lab.model.precision import ComputeDtypeLinear
 
     def run(graphs: bool) -> tuple[list[float], dict]:
         torch.manual_seed(0)
-        module = make_module(quantize="nf4", compute_dtype="bfloat16", cuda_graphs=graphs)
+        module = make_module(quantize="nf4", compute_dtype="bfloat16", cuda_graphs=graphs,
+                             adapter_matmuls=adapter_matmuls)
+        swapped = [m for m in module.model.modules() if isinstance(m, ComputeDtypeLinear)]
+        assert bool(swapped) == (adapter_matmuls == "compute")
         module.model.cuda()
         optimizer = module.configure_optimizers()
         tok = module.tokenizer

@@ -21,6 +21,7 @@ def test_cpu_defaults_are_fp32_sdpa_eager_without_graphs_and_say_why():
     assert (plan.attention, plan.compile, plan.dequantize_once, plan.cuda_graphs, plan.tf32) == ("sdpa", False, False,
                                                                                                   False, False)
     assert not plan.fp32_activations  # nothing to keep in fp32 when everything is fp32
+    assert plan.adapter_matmul_dtype == torch.float32
     assert plan.autocast == "none" and plan.eval_attention == plan.load_attention == "sdpa"
     assert any("varlen is off (the model is not on a CUDA GPU)" in r for r in plan.reasons)
     assert any(r.startswith("compile off") for r in plan.reasons)
@@ -60,6 +61,15 @@ def test_gpu_auto_decisions_follow_the_model(monkeypatch):
     small = resolve(PrecisionArgs(), SpeedArgs(), 0.0, Target(torch.device("cuda"), 1, False, 576,
                                                                DEQUANTIZED_MAX_BYTES // 2))
     assert (small.compile, small.dequantize_once) == (False, True)
+    assert big.adapter_matmul_dtype == torch.bfloat16 and small.adapter_matmul_dtype == torch.float32
+    assert "adapter matmuls in bfloat16" in big.summary() and big.as_dict()["adapter_matmul_dtype"] == "bfloat16"
+    bf16act = resolve(PrecisionArgs(fp32_activations=False), SpeedArgs(), 0.0, GPU)
+    assert bf16act.adapter_matmul_dtype == torch.float32  # auto: only beside fp32 activations
+    forced = resolve(PrecisionArgs(adapter_matmuls="compute"), SpeedArgs(), 0.0,
+                     Target(torch.device("cuda"), hidden_size=576))
+    assert forced.adapter_matmul_dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="use auto, compute or float32"):
+        resolve(PrecisionArgs(adapter_matmuls="bf16"), SpeedArgs(), 0.0, GPU)
     unwrapped = resolve(PrecisionArgs(), SpeedArgs(), 0.0, dataclasses.replace(GPU, world_size=2))
     assert unwrapped.compile and unwrapped.cuda_graphs  # QLoRADDPStrategy's ranks run as one process does
     wrapped = resolve(PrecisionArgs(), SpeedArgs(), 0.0, dataclasses.replace(GPU, world_size=2, wrapped=True))
@@ -88,3 +98,21 @@ def test_the_plan_is_logged_at_fit_start_and_the_settings_stay_as_given(tmp_path
     trainer.fit(model, make_data(chats))
     assert isinstance(model.plan, Plan) and logger.hparams["plan"] == model.plan.as_dict()
     assert model.hparams["speed"]["cuda_graphs"] is True  # the setting, not the plan's decision (False on a CPU)
+
+
+def test_the_build_makes_the_adapters_multiply_in_the_plans_dtype():
+    """``adapter_matmuls compute`` on a bf16 model: every LoRA matrix multiplies in bf16 and trains in fp32; the
+    default (fp32 on a CPU) leaves them plain."""
+    from lit_llama_lab.model.precision import ComputeDtypeLinear
+    from tests.helpers import label_loss, make_module, packed_emoji
+
+    for setting, expected in (("compute", torch.bfloat16), ("auto", None)):
+        module = make_module(compute_dtype="bfloat16", adapter_matmuls=setting)
+        lora = [m for n, m in module.model.named_modules() if n.endswith(("lora_A.default", "lora_B.default"))]
+        assert lora and all(type(m) is (ComputeDtypeLinear if expected else torch.nn.Linear) for m in lora)
+        if expected:
+            assert module.plan.adapter_matmul_dtype == expected
+            batch = module.step.inputs(packed_emoji(module.tokenizer, 4))
+            label_loss(module.model, batch)[0].backward()
+            grads = [m.weight.grad for n, m in module.model.named_modules() if n.endswith("lora_B.default")]
+            assert all(g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)  # B is 0 at init, so A's are 0

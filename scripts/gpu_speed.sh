@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Issue 20's 1B step on one GPU, after `source scripts/gpu_setup.sh` (with .whl3 and .whl4 carried: the peers).
+# Results under $OUT.
+#   STAGE=peers  ONE invocation: training's default 1B path, Unsloth (from its own site, --unsloth_pythonpath), the
+#                previous default (adapters' matmuls in fp32/TF32) and TRL + Liger, speed only (PATHS overrides).
+#   STAGE=loss   the held-out loss check: the plain stack against training's 1B path (50 steps on emoji chats, each
+#                path in its own process), then where that path's time goes (scripts/bench_census.py, graphs off).
+#   STAGE=tests  the GPU-only tests (tests/gpu), then the FineTome projection of training's 1B path.
+set -u
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 UNSLOTH_COMPILE_LOCATION=/tmp/unsloth_cc
+OUT=${OUT:?set OUT}; mkdir -p "$OUT"; PY=python3; START=$(date +%s)
+log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.txt"; }
+OURS=ours+varlen+compile+graphs+bf16lora  # = what training runs for a 1B model on a GPU (adapter_matmuls auto)
+case ${STAGE:?STAGE=peers, loss or tests} in
+peers)
+  source scripts/gpu_peer_sites.sh; log "installed"
+  timeout ${TIMEOUT:-540} "$PY" -m lit_llama_lab.cli bench --shape llama-3.2-1b --loss_steps 0 --unsloth_pythonpath "$US" \
+    --paths ${PATHS:-$OURS,unsloth,ours+varlen+compile+graphs+fp32lora,trl+liger} --output "$OUT/bench-peers.json" \
+    > "$OUT/bench-peers.log" 2>&1; log "bench rc=$?"; tail -n 8 "$OUT/bench-peers.log" >> "$OUT/summary.txt" ;;
+loss)
+  timeout ${TIMEOUT:-330} "$PY" -m lit_llama_lab.cli bench --shape llama-3.2-1b --paths baseline,$OURS \
+    --output "$OUT/bench-loss.json" > "$OUT/bench-loss.log" 2>&1; log "bench rc=$?"
+  tail -n 5 "$OUT/bench-loss.log" >> "$OUT/summary.txt"
+  timeout ${CENSUS_TIMEOUT:-150} "$PY" scripts/bench_census.py ours+varlen+compile+bf16lora 3 > "$OUT/census.log" 2>&1
+  log "census rc=$?" ;;
+tests)
+  timeout ${TIMEOUT:-240} "$PY" -m pytest -q -p no:cacheprovider tests/gpu -k "not peers" > "$OUT/gpu-tests.log" 2>&1
+  log "gpu tests rc=$? $(tail -n 1 "$OUT/gpu-tests.log")"
+  timeout ${FINETOME_TIMEOUT:-180} "$PY" -m lit_llama_lab.cli bench --shape llama-3.2-1b --workload finetome --paths $OURS \
+    --steps 200 --warmup 20 --output "$OUT/finetome.json" > "$OUT/finetome.log" 2>&1
+  log "finetome rc=$?"; tail -n 4 "$OUT/finetome.log" >> "$OUT/summary.txt" ;;
+esac
+log "done"
