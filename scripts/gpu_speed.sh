@@ -6,15 +6,34 @@
 #   STAGE=loss   the held-out loss check: the plain stack against training's 1B path (50 steps on emoji chats, each
 #                path in its own process), then where that path's time goes (scripts/bench_census.py, graphs off).
 #   STAGE=tests  the GPU-only tests (tests/gpu), then the FineTome projection of training's 1B path.
+#   STAGE=unsloth  Unsloth alone, twice: as the previous session ran it (a parent process that imports unsloth, the
+#                path isolated in a child) and as STAGE=peers does; and the host's pinned copy bandwidth, which
+#                Unsloth's offloaded checkpoints use every step. Then STAGE=peers (PATHS defaults to ours, unsloth,
+#                trl+liger). BENCH_ARGS: more bench options for STAGE=peers/unsloth (e.g. --warmup 10 --steps 60).
 set -u
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 UNSLOTH_COMPILE_LOCATION=/tmp/unsloth_cc
 OUT=${OUT:?set OUT}; mkdir -p "$OUT"; PY=python3; START=$(date +%s)
 log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.txt"; }
 OURS=ours+varlen+compile+graphs+bf16lora  # = what training runs for a 1B model on a GPU (adapter_matmuls auto)
-case ${STAGE:?STAGE=peers, loss or tests} in
-peers)
-  source scripts/gpu_peer_sites.sh; log "installed"
-  timeout ${TIMEOUT:-540} "$PY" -m lit_llama_lab.cli bench --shape llama-3.2-1b --loss_steps 0 --unsloth_pythonpath "$US" \
+case ${STAGE:?STAGE=peers, loss, tests or unsloth} in
+unsloth|peers)
+  source scripts/gpu_peer_sites.sh; log "installed" ;;&
+unsloth)
+  "$PY" - >> "$OUT/summary.txt" 2>&1 <<'PY'
+import time, torch
+host, dev = torch.empty(2**29, dtype=torch.uint8, pin_memory=True), torch.empty(2**29, dtype=torch.uint8, device="cuda")
+for name, dst, src in (("host->GPU", dev, host), ("GPU->host", host, dev)):
+    dst.copy_(src); torch.cuda.synchronize(); t = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize(); print(f"pinned {name}: {10 * 2**29 / (time.perf_counter() - t) / 1e9:.1f} GB/s")
+PY
+  PYTHONPATH=$US timeout 240 "$PY" -c "import unsloth; from lit_llama_lab.cli import main; main()" bench --shape llama-3.2-1b \
+    --paths unsloth --loss_steps 0 --isolate true --output "$OUT/bench-unsloth-old.json" > "$OUT/bench-unsloth-old.log" 2>&1
+  log "unsloth the old way rc=$?"; tail -n 1 "$OUT/bench-unsloth-old.log" | cut -c1-200 >> "$OUT/summary.txt"
+  PATHS=${PATHS:-$OURS,unsloth,trl+liger} ;;&
+unsloth|peers)
+  timeout ${TIMEOUT:-540} "$PY" -m lit_llama_lab.cli bench --shape llama-3.2-1b --loss_steps 0 --unsloth_pythonpath "$US" ${BENCH_ARGS:-} \
     --paths ${PATHS:-$OURS,unsloth,ours+varlen+compile+graphs+fp32lora,trl+liger} --output "$OUT/bench-peers.json" \
     > "$OUT/bench-peers.log" 2>&1; log "bench rc=$?"; tail -n 8 "$OUT/bench-peers.log" >> "$OUT/summary.txt" ;;
 loss)

@@ -210,15 +210,23 @@ def _bench_finetome(plans: dict, setup: dict, dev: torch.device, steps: int, war
 def measure_path(builder: Callable, options: dict, setup: dict, batch: dict, steps: int, warmup: int,
                  real: tuple | None) -> dict:
     """One path's speed (and, with ``real`` batches, its loss check); a failure becomes the path's ``error``, so one
-    failing variant does not lose the others."""
+    failing variant does not lose the others. The loss check's smaller model multiplies its adapters in the dtype the
+    speed row's plan chose (``adapter_matmuls auto`` would decide again, by the loss model's width)."""
     try:
         entry = {"options": options, **measure_speed(builder, options, setup, batch, steps, warmup)}
         if real:
-            entry.update(measure_loss(builder, options, setup, *real))
+            entry.update(measure_loss(builder, loss_options(options, entry.get("plan")), setup, *real))
     except Exception as error:
         entry = {"options": options, "error": f"{type(error).__name__}: {error}"}
         free_device(setup["device"])
     return entry
+
+
+def loss_options(options: dict, plan: dict | None) -> dict:
+    """``options`` for the loss check, ``adapter_matmuls auto`` replaced by what the speed row's ``plan`` ran."""
+    if plan is None or options.get("adapter_matmuls") != "auto":
+        return options
+    return {**options, "adapter_matmuls": "float32" if plan["adapter_matmul_dtype"] == "float32" else "compute"}
 
 
 def _bench_isolated(arguments: dict, paths: list[str], output: str | None) -> dict:

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from lit_llama_lab.tools.bench import bench, path_options, step_flops
+from lit_llama_lab.tools.bench import bench, loss_options, path_options, step_flops
 
 
 def test_path_modifiers_and_clear_errors():
@@ -19,12 +19,24 @@ def test_path_modifiers_and_clear_errors():
     assert path_options("baseline+amp", {})[1] == {"amp": True}
     assert path_options("ours+graphs", {"cuda_graphs": False})[1]["cuda_graphs"] is True
     assert path_options("ours+bf16act", {"fp32_activations": True})[1]["fp32_activations"] is False
+    assert path_options("ours+bf16lora", {"adapter_matmuls": "auto"})[1]["adapter_matmuls"] == "compute"
+    assert path_options("ours+fp32lora", {"adapter_matmuls": "auto"})[1]["adapter_matmuls"] == "float32"
     with pytest.raises(ValueError, match="Unknown modifier 'fast'"):
         path_options("ours+fast", {})
     with pytest.raises(ValueError, match=r"use baseline, baseline\+amp, ours.*or a peer: trl, trl\+liger, unsloth"):
         path_options("axolotl", {})
     with pytest.raises(ValueError, match="Unknown shape"):
         bench(shape="llama-70b", device="cpu")
+
+
+def test_the_loss_check_runs_the_adapter_dtype_the_speed_row_ran():
+    """``adapter_matmuls auto`` decides by model width; the SmolLM2 loss check of a 1B row must not decide again."""
+    options = {"amp": False, "adapter_matmuls": "auto"}
+    assert loss_options(options, {"adapter_matmul_dtype": "bfloat16"})["adapter_matmuls"] == "compute"
+    assert loss_options(options, {"adapter_matmul_dtype": "float32"})["adapter_matmuls"] == "float32"
+    assert loss_options({**options, "adapter_matmuls": "float32"}, {"adapter_matmul_dtype": "bfloat16"}) == {
+        **options, "adapter_matmuls": "float32"}  # a named setting stays
+    assert loss_options(options, None) == options  # baseline and peers have no plan
 
 
 def test_flops_formula_counts_frozen_linears_twice_in_backward():
