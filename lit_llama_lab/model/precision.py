@@ -116,13 +116,15 @@ class ComputeDtypeLinear(torch.nn.Linear):
 def adapter_matmuls_in(model, dtype: torch.dtype) -> int:
     """Make every LoRA A and B matrix of ``model`` multiply in ``dtype`` (:class:`ComputeDtypeLinear`); returns how
     many. fp32 adapters fed fp32 activations otherwise multiply in fp32 (TF32 on a GPU when allowed): at the 1B shape
-    these thin matmuls read and write fp32 activation-sized tensors. Call after peft made the adapters."""
+    these thin matmuls read and write fp32 activation-sized tensors. Call after peft made the adapters. Adapters with
+    a peft variant (DoRA) are left in fp32: their weight norms read the matrices directly."""
     from peft.tuners.lora import LoraLayer
 
     swapped = 0
     for layer in model.modules():
         if isinstance(layer, LoraLayer):
-            for linear in [*layer.lora_A.values(), *layer.lora_B.values()]:
+            plain = [name for name in layer.lora_A if name not in getattr(layer, "lora_variant", {})]
+            for linear in [layer.lora_A[name] for name in plain] + [layer.lora_B[name] for name in plain]:
                 if type(linear) is torch.nn.Linear:
                     linear.__class__ = ComputeDtypeLinear
                     linear.compute_dtype = dtype

@@ -65,7 +65,8 @@ def build(name_or_path: str, quantize: str, lora: LoraArgs, plan: Plan, init_ada
         apply_init_adapter(model, init_state, init_adapter)
         log.info("Adapters start from %s (%d tensors).", init_adapter, len(init_state))
     if plan.adapter_matmul_dtype != torch.float32:
-        adapter_matmuls_in(model, plan.adapter_matmul_dtype)
+        swapped = adapter_matmuls_in(model, plan.adapter_matmul_dtype)
+        log.info("%d adapter matrices multiply in %s (fp32 weights).", swapped, plan.adapter_matmul_dtype)
     if plan.dequantize_once:
         cache_dequantized_weights(model)
     if plan.compile:

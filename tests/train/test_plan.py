@@ -116,3 +116,12 @@ def test_the_build_makes_the_adapters_multiply_in_the_plans_dtype():
             label_loss(module.model, batch)[0].backward()
             grads = [m.weight.grad for n, m in module.model.named_modules() if n.endswith("lora_B.default")]
             assert all(g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)  # B is 0 at init, so A's are 0
+    from lit_llama_lab.train.args import LoraArgs
+    from lit_llama_lab.train.module import QLoRAModule
+    from tests.helpers import module_args
+
+    dora = QLoRAModule(name_or_path="tiny-random", lora=LoraArgs(r=8, alpha=16, use_dora=True),
+                       **module_args(compute_dtype="bfloat16", adapter_matmuls="compute"))
+    dora.configure_model()
+    assert any("lora_magnitude_vector" in n for n, _ in dora.model.named_parameters())
+    assert not any(isinstance(m, ComputeDtypeLinear) for m in dora.model.modules())  # DoRA's norms read the weights
