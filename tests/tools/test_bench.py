@@ -3,6 +3,7 @@ same loss on the tiny 4-bit model, and each ``ours`` path is training's plan, se
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -218,3 +219,24 @@ def test_finetome_workload_draws_real_conversations_and_projects_the_epoch(capsy
     assert ours["projected_hours"] == pytest.approx(1000 / ours["conversations_per_s"] / 3600)
     assert results["workload"]["corpus"]["tokens_per_conversation"]["mean"] == pytest.approx(sum(lengths) / 40)
     assert "projected hours for 1,000 conversations" in capsys.readouterr().out
+
+
+def test_the_unsloth_path_runs_in_a_process_with_the_pythonpath_it_is_given(tmp_path, monkeypatch):
+    """``--unsloth_pythonpath``: the ``unsloth`` child (which imports ``unsloth`` first) gets that PYTHONPATH and no
+    other path's child does. The site's ``unsloth`` here only reports the child's PYTHONPATH and exits: this tests
+    the process plumbing, not Unsloth (tests/gpu/test_peers.py runs the real one on the GPU host)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "unsloth.py").write_text("import os\nopen(os.environ['PROBE'], 'w').write(os.environ['PYTHONPATH'])\n"
+                                     "raise SystemExit(3)\n")
+    probe = tmp_path / "probe.txt"
+    monkeypatch.setenv("PROBE", str(probe))
+    result = bench(shape="tiny", device="cpu", paths="unsloth", isolate=True, loss_steps=0, unsloth_pythonpath=str(site))
+    assert probe.read_text() == str(site)
+    assert result["paths"]["unsloth"]["error"].startswith("process exited 3")
+    probe.unlink()
+    if importlib.util.find_spec("unsloth") is not None:
+        return  # a host with Unsloth installed: its child would run the real one
+    monkeypatch.setenv("PYTHONPATH", "")  # without the option the child inherits this process's: no unsloth there
+    result = bench(shape="tiny", device="cpu", paths="unsloth", isolate=True, loss_steps=0)
+    assert not probe.exists() and "No module named 'unsloth'" in result["paths"]["unsloth"]["error"]
