@@ -123,10 +123,11 @@ def bench(
         doc_len: length of the packed documents in the speed batch (position_ids restart every doc_len tokens).
         device: ``auto`` (CUDA when present), ``cuda`` or ``cpu``. bf16 compute on GPU, fp32 on CPU.
         paths: comma-separated: baseline (the issue's recipe: no autocast), baseline+amp (bf16 autocast), ours, or
-            ours+modifiers (sdpa|flex|varlen, compile, liger, graphs, bf16act, bf16lora, fp32lora). ``ours`` is training's plan, setup
-            and step with ``speed`` and ``precision`` as settings and the modifiers over them. ``auto``: on a GPU
-            baseline, baseline+amp, ours+graphs+compile (the sdpa mask, training's previous default) and
-            ours+varlen+compile+graphs (what training runs for a 1B model on a GPU); on a CPU baseline and ours.
+            ours+modifiers (sdpa|flex|varlen, compile, liger, graphs, bf16act, bf16lora, fp32lora). ``ours`` is
+            training's plan, setup and step with ``speed`` and ``precision`` as settings and the modifiers over
+            them. ``auto``: on a GPU baseline, baseline+amp, ours+graphs+compile (the sdpa mask, training's previous
+            default) and ours+varlen+compile+graphs (what training runs for a 1B model on a GPU); on a CPU baseline
+            and ours.
         loss_steps: steps on real emoji chats before the held-out loss is compared (0 or real_data=False: skip).
         real_data: run the loss check.
         loss_model: model for the loss check; ``auto``: tiny-random for the tiny shape, else smollm2-135m.

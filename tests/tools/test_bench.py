@@ -231,7 +231,8 @@ def test_the_unsloth_path_runs_in_a_process_with_the_pythonpath_it_is_given(tmp_
                                      "raise SystemExit(3)\n")
     probe = tmp_path / "probe.txt"
     monkeypatch.setenv("PROBE", str(probe))
-    result = bench(shape="tiny", device="cpu", paths="unsloth", isolate=True, loss_steps=0, unsloth_pythonpath=str(site))
+    result = bench(shape="tiny", device="cpu", paths="unsloth", isolate=True, loss_steps=0,
+                   unsloth_pythonpath=str(site))
     assert probe.read_text() == str(site)
     assert result["paths"]["unsloth"]["error"].startswith("process exited 3")
     probe.unlink()
