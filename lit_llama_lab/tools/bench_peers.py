@@ -135,7 +135,7 @@ def build_unsloth(name: str, rank: int, checkpointing: bool, device: torch.devic
         return one_packed_row(batch)
 
     loss_fn.runs = (f"Unsloth {unsloth.__version__} FastLanguageModel (load_in_4bit, get_peft_model"
-                    + (", its gradient checkpointing)" if checkpointing else ")")
+                    + (", its gradient checkpointing: checkpoints offloaded to host memory)" if checkpointing else ")")
                     + ", one padding-free row with packed_seq_lengths, as TRL's collator gives it")
     return model, loss_fn, prepare
 
