@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Issue 20's 1B step on one GPU, after `source scripts/gpu_setup.sh` (with .whl3 and .whl4 carried: the peers).
+# Issue 20's 1B step on one GPU, after `source scripts/gpu_setup.sh`. Carry .whl3 (Unsloth) and .whl4 (TRL + Liger)
+# with the STAGE=peers or STAGE=unsloth call itself: gpu_peer_sites.sh installs what that call brought (a run
+# that carried .whl4 only with gpu_setup.sh's call had no TRL).
 # Results under $OUT.
 #   STAGE=peers  ONE invocation: training's default 1B path, Unsloth (from its own site, --unsloth_pythonpath), the
 #                previous default (adapters' matmuls in fp32/TF32) and TRL + Liger, speed only (PATHS overrides).
