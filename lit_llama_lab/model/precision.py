@@ -107,6 +107,12 @@ class ComputeDtypeLinear(torch.nn.Linear):
 
     compute_dtype: torch.dtype = torch.bfloat16
 
+    @classmethod
+    def adopt(cls, linear: torch.nn.Linear, dtype: torch.dtype) -> None:
+        """Make the plain ``linear`` multiply in ``dtype``, in place (its class swapped)."""
+        linear.__class__ = cls
+        linear.compute_dtype = dtype
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = self.compute_dtype
         bias = None if self.bias is None else self.bias.to(dtype)
@@ -126,7 +132,6 @@ def adapter_matmuls_in(model, dtype: torch.dtype) -> int:
             plain = [name for name in layer.lora_A if name not in getattr(layer, "lora_variant", {})]
             for linear in [layer.lora_A[name] for name in plain] + [layer.lora_B[name] for name in plain]:
                 if type(linear) is torch.nn.Linear:
-                    linear.__class__ = ComputeDtypeLinear
-                    linear.compute_dtype = dtype
+                    ComputeDtypeLinear.adopt(linear, dtype)
                     swapped += 1
     return swapped

@@ -81,7 +81,7 @@ def test_adapter_matmuls_in_bf16_compute_what_bf16_autocast_computes_and_train_f
     torch.manual_seed(0)
     plain = torch.nn.Linear(64, 8, bias=False)
     swapped = copy.deepcopy(plain)
-    swapped.__class__, swapped.compute_dtype = ComputeDtypeLinear, torch.bfloat16
+    ComputeDtypeLinear.adopt(swapped, torch.bfloat16)
     x = torch.randn(5, 64, requires_grad=True)
     x2 = x.detach().clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -222,8 +222,8 @@ def test_finetome_workload_draws_real_conversations_and_projects_the_epoch(capsy
 
 
 def test_the_unsloth_path_runs_in_a_process_with_the_pythonpath_it_is_given(tmp_path, monkeypatch):
-    """``--unsloth_pythonpath``: the ``unsloth`` child (which imports ``unsloth`` first) gets that PYTHONPATH and no
-    other path's child does. The site's ``unsloth`` here only reports the child's PYTHONPATH and exits: this tests
+    """``--unsloth_pythonpath``: the ``unsloth`` child (which imports ``unsloth`` first) gets that PYTHONPATH, and
+    without the option it inherits this process's. The site's ``unsloth`` here only reports the child's PYTHONPATH and exits: this tests
     the process plumbing, not Unsloth (tests/gpu/test_peers.py runs the real one on the GPU host)."""
     site = tmp_path / "site"
     site.mkdir()

@@ -104,7 +104,9 @@ def test_the_build_makes_the_adapters_multiply_in_the_plans_dtype():
     """``adapter_matmuls compute`` on a bf16 model: every LoRA matrix multiplies in bf16 and trains in fp32; the
     default (fp32 on a CPU) leaves them plain."""
     from lit_llama_lab.model.precision import ComputeDtypeLinear
-    from tests.helpers import label_loss, make_module, packed_emoji
+    from lit_llama_lab.train.args import LoraArgs
+    from lit_llama_lab.train.module import QLoRAModule
+    from tests.helpers import label_loss, make_module, module_args, packed_emoji
 
     for setting, expected in (("compute", torch.bfloat16), ("auto", None)):
         module = make_module(compute_dtype="bfloat16", adapter_matmuls=setting)
@@ -116,10 +118,6 @@ def test_the_build_makes_the_adapters_multiply_in_the_plans_dtype():
             label_loss(module.model, batch)[0].backward()
             grads = [m.weight.grad for n, m in module.model.named_modules() if n.endswith("lora_B.default")]
             assert all(g.dtype == torch.float32 and g.abs().sum() > 0 for g in grads)  # B is 0 at init, so A's are 0
-    from lit_llama_lab.train.args import LoraArgs
-    from lit_llama_lab.train.module import QLoRAModule
-    from tests.helpers import module_args
-
     dora = QLoRAModule(name_or_path="tiny-random", lora=LoraArgs(r=8, alpha=16, use_dora=True),
                        **module_args(compute_dtype="bfloat16", adapter_matmuls="compute"))
     dora.configure_model()
