@@ -4,6 +4,7 @@ ones). Prints, per step: GPU busy time, kernels by family, the 15 busiest kernel
 against the GPU busy time.
 
     python scripts/bench_census.py [path, default ours+varlen+compile] [steps profiled, default 3]
+    CENSUS_OPS=aten::add,aten::add_ python scripts/bench_census.py ...   # also: who launches those ops' kernels
     CENSUS_SHAPE=tiny python scripts/bench_census.py ours 1    # a CPU check of the script
 """
 
@@ -46,6 +47,31 @@ def profile_kernels(run, steps: int) -> tuple[dict, dict]:
         family[key][0] += n
         family[key][1] += us
     return by_name, family
+
+
+def print_op_callers(run, names: set[str], top: int = 12) -> None:
+    """One more profiled step of ``run``: the ops named in ``names`` that launched device work, grouped by their
+    input shapes and the three ops (autograd nodes, compiled regions) they ran under, with their device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        run()
+        if cuda:
+            torch.cuda.synchronize()
+    groups = collections.defaultdict(lambda: [0, 0.0])
+    for e in prof.events():
+        if e.name in names and e.device_type == torch.autograd.DeviceType.CPU:
+            parents, p = [], e.cpu_parent
+            while p is not None and len(parents) < 3:
+                parents.append(p.name[:60])
+                p = p.cpu_parent
+            key = f"{e.name} {e.input_shapes[:2]} < {' < '.join(parents)}"
+            groups[key][0] += 1
+            groups[key][1] += e.device_time_total if cuda else e.self_cpu_time_total
+    for key, (n, us) in sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"      {n:5d} x {us / max(n, 1):7.1f} us  {key[:200]}")
 
 
 def print_kernels(by_name: dict, family: dict, steps: int, top: int) -> None:
@@ -93,6 +119,11 @@ def main() -> None:
     print(f"  step {ms:.1f} ms wall (10 steps, no per-step sync), GPU busy {busy:.1f} ms; model FLOPs "
           f"{flops / 1e12:.1f} T: {flops / ms / 1e9:.0f} TFLOP/s on the wall, {flops / busy / 1e9:.0f} on busy time")
     print_kernels(by_name, family, steps, top=15)
+    from torch._dynamo.utils import counters
+
+    print(f"  graph breaks: {dict(counters['graph_break']) or 'none'}")
+    if os.environ.get("CENSUS_OPS"):
+        print_op_callers(step, set(os.environ["CENSUS_OPS"].split(",")))
     if cuda:
         print(f"  peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 

@@ -7,6 +7,9 @@
 #                previous default (adapters' matmuls in fp32/TF32) and TRL + Liger, speed only (PATHS overrides).
 #   STAGE=loss   the held-out loss check: the plain stack against training's 1B path (50 steps on emoji chats, each
 #                path in its own process), then where that path's time goes (scripts/bench_census.py, graphs off).
+#   STAGE=quality  ONE invocation with the held-out loss check for every path: the plain stack, training's 1B path,
+#                Unsloth and TRL + Liger (each learns the same 50 steps of emoji chats on SmolLM2, then the held-out
+#                loss), speed on 3 + 10 steps only.
 #   STAGE=tests  the GPU-only tests (tests/gpu), then the FineTome projection of training's 1B path.
 #   STAGE=unsloth  Unsloth alone, twice: as the previous session ran it (a parent process that imports unsloth, the
 #                path isolated in a child) and as STAGE=peers does; and the host's pinned copy bandwidth, which
@@ -17,8 +20,8 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 UNSL
 OUT=${OUT:?set OUT}; mkdir -p "$OUT"; PY=python3; START=$(date +%s)
 log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.txt"; }
 OURS=ours+varlen+compile+graphs+bf16lora  # = what training runs for a 1B model on a GPU (adapter_matmuls auto)
-case ${STAGE:?STAGE=peers, loss, tests or unsloth} in
-unsloth|peers)
+case ${STAGE:?STAGE=peers, quality, loss, tests or unsloth} in
+unsloth|peers|quality)
   source scripts/gpu_peer_sites.sh; log "installed" ;;&
 unsloth)
   "$PY" - >> "$OUT/summary.txt" 2>&1 <<'PY'
@@ -38,6 +41,10 @@ unsloth|peers)
   timeout ${TIMEOUT:-540} "$PY" -m lit_llama_lab.cli bench --shape llama-3.2-1b --loss_steps 0 --unsloth_pythonpath "$US" ${BENCH_ARGS:-} \
     --paths ${PATHS:-$OURS,unsloth,ours+varlen+compile+graphs+fp32lora,trl+liger} --output "$OUT/bench-peers.json" \
     > "$OUT/bench-peers.log" 2>&1; log "bench rc=$?"; tail -n 8 "$OUT/bench-peers.log" >> "$OUT/summary.txt" ;;
+quality)
+  timeout ${TIMEOUT:-570} "$PY" -m lit_llama_lab.cli bench --shape llama-3.2-1b --unsloth_pythonpath "$US" --steps 10 \
+    --warmup 3 ${BENCH_ARGS:-} --paths ${PATHS:-baseline,$OURS,unsloth,trl+liger} --output "$OUT/bench-quality.json" \
+    > "$OUT/bench-quality.log" 2>&1; log "bench rc=$?"; tail -n 6 "$OUT/bench-quality.log" >> "$OUT/summary.txt" ;;
 loss)
   timeout ${TIMEOUT:-330} "$PY" -m lit_llama_lab.cli bench --shape llama-3.2-1b --paths baseline,$OURS \
     --output "$OUT/bench-loss.json" > "$OUT/bench-loss.log" 2>&1; log "bench rc=$?"
