@@ -4,7 +4,7 @@
 # that carried .whl4 only with gpu_setup.sh's call had no TRL).
 # Results under $OUT.
 #   STAGE=peers  ONE invocation: training's default 1B path, Unsloth (from its own site, --unsloth_pythonpath), the
-#                previous default (adapters' matmuls in fp32/TF32) and TRL + Liger, speed only (PATHS overrides).
+#                previous default (fp32 activations) and TRL + Liger, speed only (PATHS overrides).
 #   STAGE=loss   the held-out loss check: the plain stack against training's 1B path (50 steps on emoji chats, each
 #                path in its own process), then where that path's time goes (scripts/bench_census.py, graphs off).
 #   STAGE=quality  ONE invocation with the held-out loss check for every path: the plain stack, training's 1B path,
@@ -19,7 +19,7 @@ set -u
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 UNSLOTH_COMPILE_LOCATION=/tmp/unsloth_cc
 OUT=${OUT:?set OUT}; mkdir -p "$OUT"; PY=python3; START=$(date +%s)
 log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.txt"; }
-OURS=ours+varlen+compile+graphs+bf16lora  # = what training runs for a 1B model on a GPU (adapter_matmuls auto)
+OURS=ours+varlen+compile+graphs  # = what training runs for a 1B model on a GPU (every auto: bf16 activations and adapter matmuls)
 case ${STAGE:?STAGE=peers, quality, loss, tests or unsloth} in
 unsloth|peers|quality)
   source scripts/gpu_peer_sites.sh; log "installed" ;;&
@@ -39,7 +39,7 @@ PY
   PATHS=${PATHS:-$OURS,unsloth,trl+liger} ;;&
 unsloth|peers)
   timeout ${TIMEOUT:-540} "$PY" -m lit_llama_lab.cli bench --shape llama-3.2-1b --loss_steps 0 --unsloth_pythonpath "$US" ${BENCH_ARGS:-} \
-    --paths ${PATHS:-$OURS,unsloth,ours+varlen+compile+graphs+fp32lora,trl+liger} --output "$OUT/bench-peers.json" \
+    --paths ${PATHS:-$OURS,unsloth,ours+varlen+compile+graphs+fp32act,trl+liger} --output "$OUT/bench-peers.json" \
     > "$OUT/bench-peers.log" 2>&1; log "bench rc=$?"; tail -n 8 "$OUT/bench-peers.log" >> "$OUT/summary.txt" ;;
 quality)
   timeout ${TIMEOUT:-570} "$PY" -m lit_llama_lab.cli bench --shape llama-3.2-1b --unsloth_pythonpath "$US" --steps 10 \
@@ -49,7 +49,7 @@ loss)
   timeout ${TIMEOUT:-330} "$PY" -m lit_llama_lab.cli bench --shape llama-3.2-1b --paths baseline,$OURS \
     --output "$OUT/bench-loss.json" > "$OUT/bench-loss.log" 2>&1; log "bench rc=$?"
   tail -n 5 "$OUT/bench-loss.log" >> "$OUT/summary.txt"
-  timeout ${CENSUS_TIMEOUT:-150} "$PY" scripts/bench_census.py ours+varlen+compile+bf16lora 3 > "$OUT/census.log" 2>&1
+  timeout ${CENSUS_TIMEOUT:-150} "$PY" scripts/bench_census.py ours+varlen+compile 3 > "$OUT/census.log" 2>&1
   log "census rc=$?" ;;
 tests)
   timeout ${TIMEOUT:-240} "$PY" -m pytest -q -p no:cacheprovider tests/gpu -k "not peers" > "$OUT/gpu-tests.log" 2>&1

@@ -113,8 +113,8 @@ def load_for_inference(
     :func:`lit_llama_lab.generation.generate`.
 
     For an adapter folder the base comes from its ``lit_llama_lab.json`` (or peft's ``base_model_name_or_path``)
-    and is quantized as in training unless ``quantize`` says otherwise. ``fp32_activations``: as training does by
-    default, hidden states between matmuls stay fp32 under a bf16/fp16 compute dtype
+    and is quantized as in training unless ``quantize`` says otherwise. ``fp32_activations``: hidden states between
+    matmuls stay fp32 under a bf16/fp16 compute dtype, as training keeps them for models narrower than 1024
     (:func:`lit_llama_lab.model.precision.keep_fp32_activations`).
     Returns ``(model, tokenizer)`` in eval mode.
     """

@@ -17,14 +17,45 @@ from lit_llama_lab.model.adapters import unwrap_peft
 DECODER_KEYS = ("position_ids", "attention_mask", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
+def chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
+                        dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of :class:`LinearCrossEntropy`: ``(sum of weight x cross-entropy, gradient wrt the logits in
+    dtype)`` for ``logits [rows, vocab]`` (overwritten), ``targets [rows]`` (any valid index where ``weight`` is 0)
+    and per-row ``weight``. The logits are upcast to fp32 first, as Hugging Face's loss does; the gradient is
+    ``weight x (softmax - one-hot)``, computed in place over one fp32 copy of the logits."""
+    logits = logits.float()
+    lse = torch.logsumexp(logits, dim=-1)
+    loss = ((lse - logits.gather(1, targets[:, None]).squeeze(1)) * weight).sum()
+    probs = logits.sub_(lse[:, None]).exp_()
+    probs.scatter_add_(1, targets[:, None], -torch.ones_like(lse)[:, None])
+    return loss, probs.mul_(weight[:, None]).to(dtype)
+
+
+_compiled_chunk = None
+
+
+def chunk_kernel(device: torch.device):
+    """:func:`chunk_loss_and_grad` as the loss runs it on ``device``: compiled by ``torch.compile`` on a CUDA GPU,
+    where its eager kernels are separate passes over each chunk's logits (the fp32 copy, the log-sum-exp's, the
+    exponent, the scaling and the cast: about 9 ms of a 1B step's 150 on an H200, over 31 chunks of 261 x 128,256)
+    and the compiled ones read the bf16 logits directly; eager on a CPU, where the vocabulary matmul dominates and a
+    compilation would cost every CPU run and test its time."""
+    global _compiled_chunk
+    if device.type != "cuda":
+        return chunk_loss_and_grad
+    if _compiled_chunk is None:
+        _compiled_chunk = torch.compile(chunk_loss_and_grad, fullgraph=True)
+    return _compiled_chunk
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, chunk by chunk over rows.
 
     Rows whose target is ``IGNORE_INDEX`` count for nothing; the mean is over the other rows. Shapes never depend
     on the data (no row selection, no host sync), so the function can be captured in a CUDA graph.
-    The gradient is computed in the forward pass (softmax minus one-hot, then one matmul per chunk), so neither the
-    full ``[rows, vocab]`` logits nor their fp32 copy ever exist at once and nothing is recomputed in backward.
-    Each chunk's logits are upcast to fp32 before the softmax, as Hugging Face's loss does.
+    The gradient is computed in the forward pass (:func:`chunk_loss_and_grad`, then one matmul per chunk), so
+    neither the full ``[rows, vocab]`` logits nor their fp32 copy ever exist at once and nothing is recomputed in
+    backward.
     """
 
     @staticmethod
@@ -35,25 +66,20 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        count = (targets != IGNORE_INDEX).sum().clamp(min=1).float()  # a tensor: no host sync
+        keep = (targets != IGNORE_INDEX).float()
+        row_weight = keep / keep.sum().clamp(min=1)  # a tensor: no host sync
+        kernel = chunk_kernel(hidden.device)
         w = weight.to(hidden.dtype)
         for start in range(0, rows, chunk):
-            h, t = hidden[start:start + chunk], targets[start:start + chunk]
-            keep = (t != IGNORE_INDEX).float()
-            t = t.clamp(min=0)
-            logits = (h @ w.T).float()
-            lse = torch.logsumexp(logits, dim=-1)
-            total += ((lse - logits.gather(1, t[:, None]).squeeze(1)) * keep).sum()
-            if need_h or need_w:
-                probs = logits.sub_(lse[:, None]).exp_()
-                probs.scatter_add_(1, t[:, None], -torch.ones_like(lse)[:, None])
-                g = probs.mul_((keep / count)[:, None]).to(hidden.dtype)
-                if need_h:
-                    grad_h[start:start + chunk] = g @ w
-                if need_w:
-                    grad_w += g.T.float() @ h.float()
+            h, t = hidden[start:start + chunk], targets[start:start + chunk].clamp(min=0)
+            loss, g = kernel(h @ w.T, t, row_weight[start:start + chunk], hidden.dtype)
+            total += loss
+            if need_h:
+                grad_h[start:start + chunk] = g @ w
+            if need_w:
+                grad_w += g.T.float() @ h.float()
         ctx.save_for_backward(grad_h, grad_w)
-        return total / count
+        return total
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):

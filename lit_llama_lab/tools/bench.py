@@ -123,7 +123,7 @@ def bench(
         doc_len: length of the packed documents in the speed batch (position_ids restart every doc_len tokens).
         device: ``auto`` (CUDA when present), ``cuda`` or ``cpu``. bf16 compute on GPU, fp32 on CPU.
         paths: comma-separated: baseline (the issue's recipe: no autocast), baseline+amp (bf16 autocast), ours, or
-            ours+modifiers (sdpa|flex|varlen, compile, liger, graphs, bf16act, bf16lora, fp32lora). ``ours`` is
+            ours+modifiers (sdpa|flex|varlen, compile, liger, graphs, bf16act, fp32act, bf16lora, fp32lora). ``ours`` is
             training's plan, setup and step with ``speed`` and ``precision`` as settings and the modifiers over
             them. ``auto``: on a GPU baseline, baseline+amp, ours+graphs+compile (the sdpa mask, training's previous
             default) and ours+varlen+compile+graphs (what training runs for a 1B model on a GPU); on a CPU baseline
@@ -135,7 +135,7 @@ def bench(
         speed: training's speed settings for the ``ours`` paths before their modifiers (default: sdpa with our mask,
             eager layers, no CUDA graphs, ``dequantize_once`` auto as in training, gradient checkpointing on, for
             the baseline too).
-        precision: training's precision settings for the ``ours`` paths (``+bf16act`` turns fp32 activations off).
+        precision: training's precision settings for the ``ours`` paths (``+bf16act`` / ``+fp32act`` force fp32 activations off / on).
         peak_tflops: the device's bf16 peak for MFU; 0 guesses from the GPU name (H100/H200: 989), none on CPU.
         seed: seeds the adapter initialisation (the same for every path).
         isolate: run each path in its own Python process (this command spawns them), so no path inherits another's
@@ -212,7 +212,7 @@ def measure_path(builder: Callable, options: dict, setup: dict, batch: dict, ste
                  real: tuple | None) -> dict:
     """One path's speed (and, with ``real`` batches, its loss check); a failure becomes the path's ``error``, so one
     failing variant does not lose the others. The loss check's smaller model multiplies its adapters in the dtype the
-    speed row's plan chose (``adapter_matmuls auto`` would decide again, by the loss model's width)."""
+    speed row's plan chose and its activations' dtype (``auto`` would decide again, by the loss model's width)."""
     try:
         entry = {"options": options, **measure_speed(builder, options, setup, batch, steps, warmup)}
         if real:
@@ -224,10 +224,13 @@ def measure_path(builder: Callable, options: dict, setup: dict, batch: dict, ste
 
 
 def loss_options(options: dict, plan: dict | None) -> dict:
-    """``options`` for the loss check, ``adapter_matmuls auto`` replaced by what the speed row's ``plan`` ran."""
-    if plan is None or options.get("adapter_matmuls") != "auto":
+    """``options`` for the loss check: ``adapter_matmuls`` and ``fp32_activations`` ``auto`` replaced by what the
+    speed row's ``plan`` ran."""
+    if plan is None:
         return options
-    return {**options, "adapter_matmuls": "float32" if plan["adapter_matmul_dtype"] == "float32" else "compute"}
+    decided = {"adapter_matmuls": "float32" if plan["adapter_matmul_dtype"] == "float32" else "compute",
+               "fp32_activations": plan["fp32_activations"]}
+    return {**options, **{k: v for k, v in decided.items() if options.get(k) == "auto"}}
 
 
 def _bench_isolated(arguments: dict, paths: list[str], output: str | None) -> dict:

@@ -19,7 +19,8 @@ def test_path_modifiers_and_clear_errors():
     assert path_options("baseline", {}) == (path_options("baseline+amp", {})[0], {"amp": False})
     assert path_options("baseline+amp", {})[1] == {"amp": True}
     assert path_options("ours+graphs", {"cuda_graphs": False})[1]["cuda_graphs"] is True
-    assert path_options("ours+bf16act", {"fp32_activations": True})[1]["fp32_activations"] is False
+    assert path_options("ours+bf16act", {"fp32_activations": "auto"})[1]["fp32_activations"] is False
+    assert path_options("ours+fp32act", {"fp32_activations": "auto"})[1]["fp32_activations"] is True
     assert path_options("ours+bf16lora", {"adapter_matmuls": "auto"})[1]["adapter_matmuls"] == "compute"
     assert path_options("ours+fp32lora", {"adapter_matmuls": "auto"})[1]["adapter_matmuls"] == "float32"
     with pytest.raises(ValueError, match="Unknown modifier 'fast'"):
@@ -30,13 +31,16 @@ def test_path_modifiers_and_clear_errors():
         bench(shape="llama-70b", device="cpu")
 
 
-def test_the_loss_check_runs_the_adapter_dtype_the_speed_row_ran():
-    """``adapter_matmuls auto`` decides by model width; the SmolLM2 loss check of a 1B row must not decide again."""
-    options = {"amp": False, "adapter_matmuls": "auto"}
-    assert loss_options(options, {"adapter_matmul_dtype": "bfloat16"})["adapter_matmuls"] == "compute"
-    assert loss_options(options, {"adapter_matmul_dtype": "float32"})["adapter_matmuls"] == "float32"
-    assert loss_options({**options, "adapter_matmuls": "float32"}, {"adapter_matmul_dtype": "bfloat16"}) == {
-        **options, "adapter_matmuls": "float32"}  # a named setting stays
+def test_the_loss_check_runs_the_numerics_the_speed_row_ran():
+    """``adapter_matmuls`` and ``fp32_activations`` ``auto`` decide by model width; the SmolLM2 loss check of a 1B
+    row must not decide again."""
+    options = {"amp": False, "adapter_matmuls": "auto", "fp32_activations": "auto"}
+    wide = {"adapter_matmul_dtype": "bfloat16", "fp32_activations": False}
+    assert loss_options(options, wide) == {"amp": False, "adapter_matmuls": "compute", "fp32_activations": False}
+    narrow = {"adapter_matmul_dtype": "float32", "fp32_activations": True}
+    assert loss_options(options, narrow) == {"amp": False, "adapter_matmuls": "float32", "fp32_activations": True}
+    named = {**options, "adapter_matmuls": "float32", "fp32_activations": True}
+    assert loss_options(named, wide) == named  # named settings stay
     assert loss_options(options, None) == options  # baseline and peers have no plan
 
 

@@ -63,8 +63,14 @@ def test_gpu_auto_decisions_follow_the_model(monkeypatch):
     assert (small.compile, small.dequantize_once) == (False, True)
     assert big.adapter_matmul_dtype == torch.bfloat16 and small.adapter_matmul_dtype == torch.float32
     assert "adapter matmuls in bfloat16" in big.summary() and big.as_dict()["adapter_matmul_dtype"] == "bfloat16"
-    bf16act = resolve(PrecisionArgs(fp32_activations=False), SpeedArgs(), 0.0, GPU)
-    assert bf16act.adapter_matmul_dtype == torch.float32  # auto: only beside fp32 activations
+    # wide models keep their activations in bf16, small ones (SmolLM2, the emoji configs) in fp32
+    assert not big.fp32_activations and small.fp32_activations
+    assert "activations in the compute dtype" in big.summary()
+    assert any(r.startswith("fp32_activations off: cuda, hidden size 2048") for r in big.reasons)
+    fp32act = resolve(PrecisionArgs(fp32_activations=True), SpeedArgs(), 0.0, GPU)
+    assert fp32act.fp32_activations and fp32act.adapter_matmul_dtype == torch.bfloat16  # forced; adapters by width
+    with pytest.raises(ValueError, match="use true, false or auto"):
+        resolve(PrecisionArgs(fp32_activations="yes"), SpeedArgs(), 0.0, GPU)
     forced = resolve(PrecisionArgs(adapter_matmuls="compute"), SpeedArgs(), 0.0,
                      Target(torch.device("cuda"), hidden_size=576))
     assert forced.adapter_matmul_dtype == torch.bfloat16
