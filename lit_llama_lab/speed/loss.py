@@ -34,14 +34,14 @@ def chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, weight: tor
 _compiled_chunk = None
 
 
-def chunk_kernel(device: torch.device):
-    """:func:`chunk_loss_and_grad` as the loss runs it on ``device``: compiled by ``torch.compile`` on a CUDA GPU,
-    where its eager kernels are separate passes over each chunk's logits (the fp32 copy, the log-sum-exp's, the
-    exponent, the scaling and the cast: about 9 ms of a 1B step's 150 on an H200, over 31 chunks of 261 x 128,256)
-    and the compiled ones read the bf16 logits directly; eager on a CPU, where the vocabulary matmul dominates and a
-    compilation would cost every CPU run and test its time."""
+def chunk_kernel(compiled: bool):
+    """:func:`chunk_loss_and_grad`, compiled by ``torch.compile`` when ``compiled`` (the plan's ``compile``: wide
+    models on a GPU). Eager, its kernels are separate passes over each chunk's logits (the fp32 copy, the
+    log-sum-exp's, the exponent, the scaling and the cast: about 9 ms of the 1B step's 150 on an H200, over 31 chunks
+    of 261 x 128,256); compiled, they read the bf16 logits directly. Small models, whose steps are short and whose
+    runs would pay the compilation, keep the eager form."""
     global _compiled_chunk
-    if device.type != "cuda":
+    if not compiled:
         return chunk_loss_and_grad
     if _compiled_chunk is None:
         _compiled_chunk = torch.compile(chunk_loss_and_grad, fullgraph=True)
@@ -59,7 +59,8 @@ class LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+                compiled: bool) -> torch.Tensor:
         rows = hidden.shape[0]
         ctx.weight_dtype = weight.dtype
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -68,7 +69,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         keep = (targets != IGNORE_INDEX).float()
         row_weight = keep / keep.sum().clamp(min=1)  # a tensor: no host sync
-        kernel = chunk_kernel(hidden.device)
+        kernel = chunk_kernel(compiled)
         w = weight.to(hidden.dtype)
         for start in range(0, rows, chunk):
             h, t = hidden[start:start + chunk], targets[start:start + chunk].clamp(min=0)
@@ -86,22 +87,23 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None
+        return gh, gw, None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                         chunk: int = 0) -> torch.Tensor:
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 0,
+                         compiled: bool = False) -> torch.Tensor:
     """Mean next-token cross-entropy of ``hidden [rows, d] @ weight [vocab, d].T`` against ``targets [rows]``, over
     the rows whose target is not ``IGNORE_INDEX`` (-100).
 
     ``chunk`` rows per step (0: about 2**25 logits per chunk, 128 MiB in fp32: with a 128k vocabulary a chunk is
     256 rows, still one large matmul, and the loss's transient memory stays a small part of a 1B model's step).
+    ``compiled``: each chunk's cross-entropy and gradient run compiled (:func:`chunk_kernel`).
     """
     if hidden.shape[0] != targets.shape[0]:
         raise ValueError(f"hidden has {hidden.shape[0]} rows but targets {targets.shape[0]}: select labelled rows "
                          "or pass one target per row.")
     chunk = chunk or max(1, 2**25 // weight.shape[0])
-    return LinearCrossEntropy.apply(hidden, weight, targets, chunk)
+    return LinearCrossEntropy.apply(hidden, weight, targets, chunk, compiled)
 
 
 def final_hidden(model, batch: dict, decoder_keys: tuple[str, ...] = DECODER_KEYS) -> tuple:
@@ -115,18 +117,19 @@ def final_hidden(model, batch: dict, decoder_keys: tuple[str, ...] = DECODER_KEY
     return causal_lm, causal_lm.get_decoder()(input_ids=batch["input_ids"], use_cache=False, **extra).last_hidden_state
 
 
-def fast_label_loss(model, batch: dict, chunk: int = 0) -> torch.Tensor:
+def fast_label_loss(model, batch: dict, chunk: int = 0, compiled: bool = False) -> torch.Tensor:
     """:func:`label_loss`'s math (mean CE over labelled positions) with fixed shapes: the
     decoder runs on the whole batch and :func:`linear_cross_entropy` weighs unlabelled positions by zero, so no
     step depends on the data and the whole loss (forward and backward) can be captured in a CUDA graph.
 
     The keys of :data:`DECODER_KEYS` present in ``batch`` (e.g. varlen's ``cu_seq_lens_q``) go to the decoder.
-    Costs vocabulary logits at unlabelled positions too (chunked, never all at once).
+    Costs vocabulary logits at unlabelled positions too (chunked, never all at once). ``compiled``: as
+    :func:`linear_cross_entropy`.
     """
     causal_lm, hidden = final_hidden(model, batch)
     targets = batch["labels"][:, 1:].reshape(-1)
     hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    return linear_cross_entropy(hidden, causal_lm.get_output_embeddings().weight, targets, chunk)
+    return linear_cross_entropy(hidden, causal_lm.get_output_embeddings().weight, targets, chunk, compiled)
 
 
 def labelled_hidden(model, batch: dict, decoder_keys: tuple[str, ...] = DECODER_KEYS):
@@ -156,9 +159,10 @@ def label_loss(model, batch: dict, reduction: str = "mean") -> tuple[torch.Tenso
     return loss, logits, targets
 
 
-def chunked_label_loss(model, batch: dict, chunk: int = 0) -> torch.Tensor:
+def chunked_label_loss(model, batch: dict, chunk: int = 0, compiled: bool = False) -> torch.Tensor:
     """:func:`label_loss`'s mean over labelled positions only, through :func:`linear_cross_entropy`: the labelled rows'
     logits are made chunk by chunk and their gradient in the same pass, so neither the ``[labelled, vocab]`` fp32
-    logits nor their gradient exist at once (on the 1B shape with every position labelled, 3.9 GiB each)."""
+    logits nor their gradient exist at once (on the 1B shape with every position labelled, 3.9 GiB each).
+    ``compiled``: as :func:`linear_cross_entropy`."""
     causal_lm, hidden, targets = labelled_hidden(model, batch)
-    return linear_cross_entropy(hidden, causal_lm.get_output_embeddings().weight, targets, chunk)
+    return linear_cross_entropy(hidden, causal_lm.get_output_embeddings().weight, targets, chunk, compiled)

@@ -22,7 +22,7 @@ class TrainStep:
     has fixed shapes (:func:`lit_llama_lab.speed.loss.fast_label_loss`) and its forward and backward replay from
     a graph per batch shape (:class:`lit_llama_lab.speed.graphs.GraphedLoss`). Otherwise logits are computed at
     labelled positions only, in chunks (:func:`lit_llama_lab.speed.loss.chunked_label_loss`). Both compute the same
-    loss. The batch gets the plan's attention inputs (:func:`lit_llama_lab.speed.attention.attention_inputs`); a
+    loss, its chunks compiled when the plan compiles the layers. The batch gets the plan's attention inputs (:func:`lit_llama_lab.speed.attention.attention_inputs`); a
     packed batch without the data module's ``max_documents`` bound, or with shared prefixes (``--data.share_prefix``),
     trains a varlen plan through the sdpa mask (the varlen function's fallback), as validation does.
     """
@@ -50,8 +50,11 @@ class TrainStep:
         distill = self.distill_weight > 0 and "distill_mask" in batch
         cached = distill and self.teacher is not None and "replay_ids" in batch
         teacher = self.teacher.table if cached else None
-        loss_fn = partial(distilled_label_loss, weight=self.distill_weight, teacher=teacher,
-                          fixed_shapes=self.plan.cuda_graphs) if distill else fast_label_loss
+        if distill:
+            loss_fn = partial(distilled_label_loss, weight=self.distill_weight, teacher=teacher,
+                              fixed_shapes=self.plan.cuda_graphs)
+        else:
+            loss_fn = partial(fast_label_loss, compiled=self.plan.compile)
         if self.plan.cuda_graphs:
             if "prefix_lengths" in batch:
                 raise ValueError("--data.share_prefix batches are not trained under CUDA graphs (their shared "
@@ -62,7 +65,9 @@ class TrainStep:
             batch = pad_packed_batch(batch, self.plan.graph_pad_multiple, self.pad_id)
             return self.graphed(self.with_teacher_index(self.inputs(batch), cached))
         inputs = self.with_teacher_index(self.inputs(batch), cached)
-        return loss_fn(self.model, inputs) if distill else chunked_label_loss(self.model, inputs)
+        if distill:
+            return loss_fn(self.model, inputs)
+        return chunked_label_loss(self.model, inputs, compiled=self.plan.compile)
 
     def with_teacher_index(self, batch: dict, cached: bool) -> dict:
         """``batch`` plus ``teacher_index`` (:meth:`TeacherCache.index`) when the KL targets come from the cache."""

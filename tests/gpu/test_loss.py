@@ -1,5 +1,5 @@
-"""The training loss on a GPU, where each chunk's cross-entropy and gradient run compiled (GPU only; the CPU runs the
-same function eagerly: ``tests/speed/test_loss.py``)."""
+"""The training loss on a GPU with each chunk's cross-entropy and gradient compiled, as the 1B plan runs it (GPU
+only; ``tests/speed/test_loss.py`` checks the compiled chunk on a CPU and the eager one everywhere)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def test_the_compiled_chunk_computes_the_eager_chunk():
     """Llama-3's vocabulary, bf16 logits, some rows weighted 0 (unlabelled), two chunk heights (the last chunk of a
     step is shorter)."""
     torch.manual_seed(0)
-    kernel = chunk_kernel(torch.device("cuda"))
+    kernel = chunk_kernel(compiled=True)
     assert kernel is not chunk_loss_and_grad
     for rows in (261, 101):
         logits = torch.randn(rows, 128256, device="cuda", dtype=torch.bfloat16) * 4
@@ -35,9 +35,9 @@ def test_linear_cross_entropy_on_a_gpu_is_cross_entropy_and_its_gradient():
     weight = torch.randn(32000, 256, device="cuda", dtype=torch.bfloat16) / 16
     targets = torch.randint(0, 32000, (600,), device="cuda")
     targets[::3] = -100
-    loss = linear_cross_entropy(hidden, weight, targets)  # 1,048 rows a chunk: one chunk; then 7 of 100
+    loss = linear_cross_entropy(hidden, weight, targets, compiled=True)  # 1,048 rows a chunk: one chunk
     (grad,) = torch.autograd.grad(loss, hidden)
-    chunked = linear_cross_entropy(hidden, weight, targets, chunk=100)
+    chunked = linear_cross_entropy(hidden, weight, targets, chunk=100, compiled=True)  # 6 of 100, the last short
     (chunked_grad,) = torch.autograd.grad(chunked, hidden)
     expected = F.cross_entropy((hidden @ weight.T).float(), targets)
     (expected_grad,) = torch.autograd.grad(expected, hidden)

@@ -26,6 +26,27 @@ def test_linear_cross_entropy_matches_plain_cross_entropy_and_its_gradients():
     torch.testing.assert_close(grads[1], weight.grad)
 
 
+def test_the_compiled_chunks_compute_the_eager_loss_and_gradients():
+    """``compiled=True`` (the plan's ``compile``: wide models on a GPU) runs each chunk through ``torch.compile``; here
+    on a CPU, bf16 logits as on the GPU, a short last chunk and unlabelled rows."""
+    from lit_llama_lab.speed.loss import chunk_kernel, chunk_loss_and_grad
+
+    assert chunk_kernel(False) is chunk_loss_and_grad and chunk_kernel(True) is not chunk_loss_and_grad
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(100, 16, dtype=torch.bfloat16)
+    targets = torch.randint(0, 100, (37,))
+    targets[::4] = -100
+    runs = []
+    for compiled in (False, True):
+        loss = linear_cross_entropy(hidden, weight, targets, chunk=8, compiled=compiled)
+        runs.append((loss, *torch.autograd.grad(loss, hidden)))
+    (eager, eager_grad), (fused, fused_grad) = runs
+    torch.testing.assert_close(fused, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fused_grad.float(), eager_grad.float(), rtol=1e-2, atol=1e-5)
+    assert not fused_grad[::4].any() and fused_grad[1::4].any()  # unlabelled rows get no gradient, the others do
+
+
 def test_linear_cross_entropy_rejects_unselected_rows():
     with pytest.raises(ValueError, match="select labelled rows"):
         linear_cross_entropy(torch.randn(4, 8), torch.randn(10, 8), torch.zeros(3, dtype=torch.long))
