@@ -44,6 +44,28 @@ def test_the_loss_check_runs_the_numerics_the_speed_row_ran():
     assert loss_options(options, None) == options  # baseline and peers have no plan
 
 
+def test_the_table_rates_against_the_best_peer_and_the_best_peer_within_the_loss_bar():
+    """The 7th session's invocation Q (one H200): Unsloth is the fastest peer but learns 1.6% worse than the plain
+    stack, so the second ratio is against TRL + Liger; without a loss check there is no second ratio."""
+    from lit_llama_lab.tools.bench import format_table
+
+    def row(tokens, loss):
+        return {"tokens_per_s": tokens, "peak_gib": 2.0, "tflops_per_s": 1.0, "held_out_loss": loss}
+
+    paths = {"baseline": row(10356, 1.8417), "ours": row(59608, 1.8400), "unsloth": row(39164, 1.8711),
+             "trl+liger": row(28546, 1.8538)}
+    lines = format_table({"paths": paths}).splitlines()
+    header = [c.strip() for c in lines[0].split("|")]
+    table = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")] for line in lines[2:]}
+    best, within = header.index("× best peer"), header.index("× best peer within 1% loss")
+    assert (table["ours"][best], table["ours"][within]) == ("1.52", "2.09")
+    assert (table["unsloth"][best], table["unsloth"][within]) == ("1.00", "1.37")
+    assert table["unsloth"][header.index("Δ loss")] == f"{(1.8711 - 1.8417) / 1.8417:+.3%}"  # over the 1% bar
+    no_loss = {p: {k: v for k, v in r.items() if k != "held_out_loss"} for p, r in paths.items()}
+    ours = [c.strip() for c in format_table({"paths": no_loss}).splitlines()[3].split("|")]
+    assert (ours[best], ours[within]) == ("1.52", "–")
+
+
 def test_flops_formula_counts_frozen_linears_twice_in_backward():
     from transformers import LlamaConfig
 
@@ -93,6 +115,8 @@ def test_bench_runs_trl_beside_ours_on_the_same_batches_and_rates_against_the_be
     column = header.index(" × best peer ")
     rows = {line.split("|")[1].strip(): line.split("|") for line in lines if line.startswith(("| trl |", "| baseline |"))}
     assert rows["trl"][column].strip() == "1.00"  # the only peer that ran is the best one
+    within = header.index(" × best peer within 1% loss ")
+    assert rows["trl"][within].strip() == "1.00"  # and it learns the plain stack's loss
     ratio = base["tokens_per_s"] / trl["tokens_per_s"]
     assert rows["baseline"][column].strip() == f"{ratio:.2f}"
     for peer, needs in (("trl+liger", "needs a GPU"), ("unsloth", "needs a GPU")):
