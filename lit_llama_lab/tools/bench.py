@@ -145,7 +145,8 @@ def bench(
         speed: training's speed settings for the ``ours`` paths before their modifiers (default: sdpa with our mask,
             eager layers, no CUDA graphs, ``dequantize_once`` auto as in training, gradient checkpointing on, for
             the baseline too).
-        precision: training's precision settings for the ``ours`` paths (``+bf16act`` / ``+fp32act`` force fp32 activations off / on).
+        precision: training's precision settings for the ``ours`` paths (``+bf16act`` / ``+fp32act`` force fp32
+            activations off / on).
         peak_tflops: the device's bf16 peak for MFU; 0 guesses from the GPU name (H100/H200: 989), none on CPU.
         seed: seeds the adapter initialisation (the same for every path).
         isolate: run each path in its own Python process (this command spawns them), so no path inherits another's

@@ -144,10 +144,10 @@ def build_ours(name: str, rank: int, checkpointing: bool, device: torch.device, 
 
 def path_options(path: str, defaults: dict) -> tuple[Callable, dict]:
     """``baseline`` (``+amp``), ``ours`` plus ``+modifiers`` (sdpa, flex, varlen, compile, liger, graphs,
-    bf16act / fp32act: hidden states in bf16 / fp32, bf16lora / fp32lora: the adapters' matmuls in bf16 / fp32), or a peer (``trl``,
-    ``trl+liger``, ``unsloth``: :mod:`lit_llama_lab.tools.bench_peers`) -> builder, options. ``amp`` (bf16
-    autocast) is off for ``ours``, whose step is training's, and for ``baseline``, the issue's recipe as written;
-    ``baseline+amp`` turns it on. ``defaults``: the speed and precision settings the modifiers start from."""
+    bf16act / fp32act: hidden states in bf16 / fp32, bf16lora / fp32lora: the adapters' matmuls in bf16 / fp32),
+    or a peer (``trl``, ``trl+liger``, ``unsloth``: :mod:`lit_llama_lab.tools.bench_peers`) -> builder, options.
+    ``amp`` (bf16 autocast) is off for ``ours``, whose step is training's, and for ``baseline``, the issue's recipe as
+    written; ``baseline+amp`` turns it on. ``defaults``: the speed and precision settings the modifiers start from."""
     from lit_llama_lab.tools.bench_peers import peer_options
 
     peer = peer_options(path.strip())

@@ -22,9 +22,10 @@ class TrainStep:
     has fixed shapes (:func:`lit_llama_lab.speed.loss.fast_label_loss`) and its forward and backward replay from
     a graph per batch shape (:class:`lit_llama_lab.speed.graphs.GraphedLoss`). Otherwise logits are computed at
     labelled positions only, in chunks (:func:`lit_llama_lab.speed.loss.chunked_label_loss`). Both compute the same
-    loss, its chunks compiled when the plan compiles the layers. The batch gets the plan's attention inputs (:func:`lit_llama_lab.speed.attention.attention_inputs`); a
-    packed batch without the data module's ``max_documents`` bound, or with shared prefixes (``--data.share_prefix``),
-    trains a varlen plan through the sdpa mask (the varlen function's fallback), as validation does.
+    loss, its chunks compiled when the plan compiles the layers. The batch gets the plan's attention inputs
+    (:func:`lit_llama_lab.speed.attention.attention_inputs`); a packed batch without the data module's
+    ``max_documents`` bound, or with shared prefixes (``--data.share_prefix``), trains a varlen plan through the sdpa
+    mask (the varlen function's fallback), as validation does.
     """
 
     def __init__(self, model, plan: Plan, pad_id: int, distill_weight: float = 0.0) -> None:
