@@ -110,6 +110,15 @@ class SpeedArgs:
         graph_pad_multiple: with CUDA graphs, packed rows are padded to a multiple of this many tokens so batches
             fall into few shapes (each shape is one capture and its own activation memory).
         gradient_checkpointing: recompute activations in the backward pass to save memory.
+        mlp_chunks: run each decoder layer's MLP in this many row blocks
+            (:func:`lit_llama_lab.speed.memory.chunk_mlp`; the same values). With compiled, checkpointed layers the
+            backward then recomputes and frees one block's MLP activations at a time. ``auto``: 4 for compiled layers
+            with gradient checkpointing, else 1 (an eager checkpoint recomputes the whole layer at once, so blocks
+            would save nothing).
+        offload_checkpoints: keep the inputs that compiled, checkpointed layers save for backward in pinned host
+            memory, copied on a side stream that overlaps the compute
+            (:class:`lit_llama_lab.speed.memory.CheckpointOffload`; CUDA graphs capture it). ``auto``: on for
+            compiled layers with gradient checkpointing on a CUDA GPU. ``true`` needs those three.
         liger: Liger-Kernel's fused RMSNorm, RoPE and SwiGLU (needs ``liger-kernel`` and a CUDA GPU).
         cache_teacher: with ``--model.distill_weight`` > 0, run the frozen base over the replay chats once at the
             start of training and keep its final hidden states (:class:`lit_llama_lab.speed.distill.TeacherCache`),
@@ -124,5 +133,7 @@ class SpeedArgs:
     cuda_graphs: bool = True
     graph_pad_multiple: int = 128
     gradient_checkpointing: bool = False
+    mlp_chunks: int | Literal["auto"] = "auto"
+    offload_checkpoints: bool | Literal["auto"] = "auto"
     liger: bool = False
     cache_teacher: bool = True

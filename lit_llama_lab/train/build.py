@@ -16,6 +16,7 @@ from lit_llama_lab.model.precision import adapter_matmuls_in, keep_fp32_activati
 from lit_llama_lab.speed.attention import use_attention
 from lit_llama_lab.speed.compile import apply_liger, checkpoint_kwargs, compile_decoder_layers
 from lit_llama_lab.speed.dequantize import cache_dequantized_weights
+from lit_llama_lab.speed.memory import chunk_mlp, offload_checkpoints
 from lit_llama_lab.train.args import LoraArgs, PrecisionArgs, SpeedArgs
 from lit_llama_lab.train.plan import Plan, resolve, target_for
 
@@ -69,8 +70,11 @@ def build(name_or_path: str, quantize: str, lora: LoraArgs, plan: Plan, init_ada
         log.info("%d adapter matrices multiply in %s (fp32 weights).", swapped, plan.adapter_matmul_dtype)
     if plan.dequantize_once:
         cache_dequantized_weights(model)
+    chunk_mlp(model, plan.mlp_chunks)
     if plan.compile:
         compile_decoder_layers(model)
+    if plan.offload_checkpoints:
+        offload_checkpoints(model)
     # from_pretrained returns eval mode: dropout and gradient checkpointing (both need .training) would be off
     model.train(training)
     if plan.fsdp:

@@ -80,6 +80,8 @@ class Plan:
     cuda_graphs: bool
     graph_pad_multiple: int
     gradient_checkpointing: bool
+    mlp_chunks: int = 1
+    offload_checkpoints: bool = False
     liger: bool = False
     fsdp: bool = False
     adapter_matmul_dtype: torch.dtype = torch.float32
@@ -114,6 +116,8 @@ class Plan:
                  "dequantized once" if self.dequantize_once else "dequantized at every use",
                  f"CUDA graphs (rows padded to {self.graph_pad_multiple})" if self.cuda_graphs else "no CUDA graphs",
                  "checkpointing" if self.gradient_checkpointing else "no checkpointing"]
+        parts += [f"MLP in {self.mlp_chunks} row blocks"] * (self.mlp_chunks > 1)
+        parts += ["checkpoints in host memory"] * self.offload_checkpoints
         return ", ".join(parts + ["Liger"] * self.liger + ["FSDP"] * self.fsdp)
 
 
@@ -218,6 +222,36 @@ def resolve_cuda_graphs(speed: SpeedArgs, lora_dropout: float, target: Target, r
     return True
 
 
+def resolve_mlp_chunks(setting, compiled: bool, checkpointing: bool, reasons: list[str]) -> int:
+    """``auto``: 4 row blocks for compiled layers with checkpointing, whose backward recomputes one block at a time;
+    else 1."""
+    if setting == "auto":
+        chunks = 4 if compiled and checkpointing else 1
+        reasons.append(f"mlp_chunks {chunks}: {'compiled' if compiled else 'eager'} layers, "
+                       f"{'' if checkpointing else 'no '}checkpointing (4 for compiled, checkpointed layers)")
+        return chunks
+    if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
+        raise ValueError(f"mlp_chunks={setting!r}: use auto, 1 (whole MLPs) or more row blocks.")
+    return setting
+
+
+def resolve_offload(setting, compiled: bool, checkpointing: bool, target: Target, reasons: list[str]) -> bool:
+    """``auto``: on for compiled layers with checkpointing on a CUDA GPU, the only layers whose saved inputs a hook
+    can move (an eager checkpoint keeps its input by reference); ``true`` is refused elsewhere."""
+    forced = _switch("offload_checkpoints", setting, target.fsdp, "FSDP shards and gathers the layers itself")
+    possible = compiled and checkpointing and target.device.type == "cuda"
+    if forced is not None:
+        if forced and not possible:
+            raise ValueError("offload_checkpoints=true needs compiled layers (--model.speed.compile) with "
+                             "--model.speed.gradient_checkpointing true on a CUDA GPU; use "
+                             "--model.speed.offload_checkpoints auto or false.")
+        return forced
+    reasons.append(f"offload_checkpoints {'on' if possible else 'off'}: {target.device.type}, "
+                   f"{'compiled' if compiled else 'eager'} layers, {'' if checkpointing else 'no '}checkpointing "
+                   "(on for compiled, checkpointed layers on a GPU)")
+    return possible
+
+
 def resolve(precision: PrecisionArgs, speed: SpeedArgs, lora_dropout: float, target: Target) -> Plan:
     """Decide every ``auto`` of ``precision`` and ``speed`` for ``target``, once; refuse what cannot run there,
     naming the setting to change."""
@@ -225,6 +259,8 @@ def resolve(precision: PrecisionArgs, speed: SpeedArgs, lora_dropout: float, tar
     compute = resolve_compute_dtype(precision.compute_dtype, target.device)
     on_cuda = target.device.type == "cuda"
     fp32_activations = resolve_fp32_activations(precision.fp32_activations, compute, target, reasons)
+    compiled = resolve_compile(speed.compile, target, reasons)
+    checkpointing = speed.gradient_checkpointing
     return Plan(
         device=str(target.device),
         compute_dtype=compute,
@@ -232,11 +268,13 @@ def resolve(precision: PrecisionArgs, speed: SpeedArgs, lora_dropout: float, tar
         fp32_activations=fp32_activations,
         tf32=precision.tf32 and on_cuda,
         attention=resolve_attention(speed.attention, target, compute, reasons),
-        compile=resolve_compile(speed.compile, target, reasons),
+        compile=compiled,
         dequantize_once=resolve_dequantize_once(speed.dequantize_once, target, compute, reasons),
         cuda_graphs=resolve_cuda_graphs(speed, lora_dropout, target, reasons),
         graph_pad_multiple=speed.graph_pad_multiple,
-        gradient_checkpointing=speed.gradient_checkpointing,
+        gradient_checkpointing=checkpointing,
+        mlp_chunks=resolve_mlp_chunks(speed.mlp_chunks, compiled, checkpointing, reasons),
+        offload_checkpoints=resolve_offload(speed.offload_checkpoints, compiled, checkpointing, target, reasons),
         liger=speed.liger,
         fsdp=target.fsdp,
         adapter_matmul_dtype=resolve_adapter_matmuls(precision.adapter_matmuls, compute, target, reasons),

@@ -85,6 +85,31 @@ def test_gpu_auto_decisions_follow_the_model(monkeypatch):
     assert not dropout.cuda_graphs and any("LoRA dropout" in r for r in dropout.reasons)
 
 
+
+def test_mlp_blocks_and_offload_follow_compiled_checkpointed_layers(monkeypatch):
+    """Both are for compiled layers with checkpointing (the 1B default on a GPU); offload on a GPU only; forced values
+    are checked and bad ones refused, naming the fix."""
+    import lit_llama_lab.train.plan as plan_module
+
+    monkeypatch.setattr(plan_module, "varlen_unsupported", lambda device, dtype: None)
+    checkpointed = SpeedArgs(gradient_checkpointing=True)
+    wide = resolve(PrecisionArgs(), checkpointed, 0.0, GPU)
+    assert (wide.mlp_chunks, wide.offload_checkpoints) == (4, True)
+    assert "MLP in 4 row blocks" in wide.summary() and "checkpoints in host memory" in wide.summary()
+    for speed, target in ((SpeedArgs(), GPU), (checkpointed, Target(torch.device("cuda"), hidden_size=576)),
+                          (dataclasses.replace(checkpointed, compile=True), CPU)):
+        plan = resolve(PrecisionArgs(), speed, 0.0, target)  # no checkpointing; eager layers; a CPU
+        assert plan.mlp_chunks == (4 if plan.compile and plan.gradient_checkpointing else 1)
+        assert not plan.offload_checkpoints and any(r.startswith("offload_checkpoints off") for r in plan.reasons)
+    assert resolve(PrecisionArgs(), dataclasses.replace(checkpointed, mlp_chunks=8), 0.0, CPU).mlp_chunks == 8
+    assert not resolve(PrecisionArgs(), dataclasses.replace(checkpointed, offload_checkpoints=False), 0.0,
+                       GPU).offload_checkpoints
+    for bad in (0, "two", True):
+        with pytest.raises(ValueError, match="use auto, 1"):
+            resolve(PrecisionArgs(), dataclasses.replace(checkpointed, mlp_chunks=bad), 0.0, GPU)
+    with pytest.raises(ValueError, match="needs compiled layers .* on a CUDA GPU"):
+        resolve(PrecisionArgs(), SpeedArgs(offload_checkpoints=True), 0.0, GPU)  # no checkpointing
+
 def test_the_plan_is_logged_at_fit_start_and_the_settings_stay_as_given(tmp_path):
     import json
 
