@@ -87,9 +87,27 @@ def test_the_mlp_in_row_blocks_computes_the_same_loss_and_gradients(ids, eager_r
     x = torch.randn(2, 5, mlp.gate_proj.in_features)
     torch.testing.assert_close(mlp(x), mlp._unchunked_forward(x))
     assert_same_training(step(module, ids), eager_reference)
+    torch.optim.SGD([p for p in module.model.parameters() if p.requires_grad], lr=1.0).step()  # B moves off zero
+    with torch.no_grad():
+        with module.model.disable_adapter():  # the distillation teacher's pass: the base alone
+            torch.testing.assert_close(mlp(x), mlp._unchunked_forward(x))
+            base_only = mlp(x)
+        torch.testing.assert_close(mlp(x), mlp._unchunked_forward(x))
+        assert not torch.allclose(mlp(x), base_only)
     assert chunk_mlp(module.model, 1) == 0
     with pytest.raises(ValueError, match="mlp_chunks=0"):
         chunk_mlp(module.model, 0)
+
+
+def test_mlps_the_blocks_cannot_run_are_refused():
+    from lit_llama_lab.train.args import LoraArgs
+    from lit_llama_lab.train.module import QLoRAModule
+    from tests.helpers import module_args
+
+    dora = QLoRAModule(name_or_path="tiny-random", lora=LoraArgs(r=8, alpha=16, use_dora=True), **module_args())
+    dora.configure_model()
+    with pytest.raises(ValueError, match="plain LoRA adapters .* use --model.speed.mlp_chunks 1"):
+        chunk_mlp(dora.model, 4)
 
 
 def test_row_blocks_shrink_what_a_compiled_checkpointed_layers_backward_holds(ids, eager_reference):
