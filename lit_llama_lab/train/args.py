@@ -112,7 +112,7 @@ class SpeedArgs:
         gradient_checkpointing: recompute activations in the backward pass to save memory.
         mlp_chunks: run each decoder layer's MLP in this many row blocks
             (:func:`lit_llama_lab.speed.memory.chunk_mlp`; the same values). With compiled, checkpointed layers the
-            backward then recomputes and frees one block's MLP activations at a time. ``auto``: 4 for compiled layers
+            backward then recomputes and frees one block's MLP activations at a time. ``auto``: 6 for compiled layers
             with gradient checkpointing, else 1 (an eager checkpoint recomputes the whole layer at once, so blocks
             would save nothing).
         offload_checkpoints: keep the inputs that compiled, checkpointed layers save for backward in pinned host

@@ -18,6 +18,9 @@ from lit_llama_lab.train.args import PrecisionArgs, SpeedArgs
 log = logging.getLogger(__name__)
 COMPILE_MIN_HIDDEN = 1024  # compile auto: models at least this wide (Llama-3.2-1B and up)
 DEQUANTIZED_MAX_BYTES = 2**30  # dequantize_once auto: when the 16-bit copy of the 4-bit weights fits in this
+# mlp_chunks auto for compiled, checkpointed layers: at the 1B shape on an H200 (with offloaded checkpoints) 4 blocks
+# peaked at 2.013 GiB and 58.0k tokens/s, 8 at 1.849 GiB and 55.7k, whole MLPs at 3.33 GiB and 60.4k (docs/speed.md)
+MLP_CHUNKS = 6
 
 
 @dataclass(frozen=True)
@@ -223,12 +226,12 @@ def resolve_cuda_graphs(speed: SpeedArgs, lora_dropout: float, target: Target, r
 
 
 def resolve_mlp_chunks(setting, compiled: bool, checkpointing: bool, reasons: list[str]) -> int:
-    """``auto``: 4 row blocks for compiled layers with checkpointing, whose backward recomputes one block at a time;
-    else 1."""
+    """``auto``: :data:`MLP_CHUNKS` row blocks for compiled layers with checkpointing, whose backward recomputes one
+    block at a time; else 1."""
     if setting == "auto":
-        chunks = 4 if compiled and checkpointing else 1
+        chunks = MLP_CHUNKS if compiled and checkpointing else 1
         reasons.append(f"mlp_chunks {chunks}: {'compiled' if compiled else 'eager'} layers, "
-                       f"{'' if checkpointing else 'no '}checkpointing (4 for compiled, checkpointed layers)")
+                       f"{'' if checkpointing else 'no '}checkpointing ({MLP_CHUNKS} for compiled, checkpointed layers)")
         return chunks
     if isinstance(setting, bool) or not isinstance(setting, int) or setting < 1:
         raise ValueError(f"mlp_chunks={setting!r}: use auto, 1 (whole MLPs) or more row blocks.")

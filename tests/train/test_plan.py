@@ -94,12 +94,12 @@ def test_mlp_blocks_and_offload_follow_compiled_checkpointed_layers(monkeypatch)
     monkeypatch.setattr(plan_module, "varlen_unsupported", lambda device, dtype: None)
     checkpointed = SpeedArgs(gradient_checkpointing=True)
     wide = resolve(PrecisionArgs(), checkpointed, 0.0, GPU)
-    assert (wide.mlp_chunks, wide.offload_checkpoints) == (4, True)
-    assert "MLP in 4 row blocks" in wide.summary() and "checkpoints in host memory" in wide.summary()
+    assert (wide.mlp_chunks, wide.offload_checkpoints) == (6, True)
+    assert "MLP in 6 row blocks" in wide.summary() and "checkpoints in host memory" in wide.summary()
     for speed, target in ((SpeedArgs(), GPU), (checkpointed, Target(torch.device("cuda"), hidden_size=576)),
                           (dataclasses.replace(checkpointed, compile=True), CPU)):
         plan = resolve(PrecisionArgs(), speed, 0.0, target)  # no checkpointing; eager layers; a CPU
-        assert plan.mlp_chunks == (4 if plan.compile and plan.gradient_checkpointing else 1)
+        assert plan.mlp_chunks == (6 if plan.compile and plan.gradient_checkpointing else 1)
         assert not plan.offload_checkpoints and any(r.startswith("offload_checkpoints off") for r in plan.reasons)
     assert resolve(PrecisionArgs(), dataclasses.replace(checkpointed, mlp_chunks=8), 0.0, CPU).mlp_chunks == 8
     assert not resolve(PrecisionArgs(), dataclasses.replace(checkpointed, offload_checkpoints=False), 0.0,
