@@ -1,4 +1,4 @@
-"""The 1B step's activation memory: the MLP in row chunks (``--model.speed.mlp_chunks``) and the checkpointed layer
+"""The 1B step's activation memory: the MLP in row blocks (``--model.speed.mlp_chunks``) and the checkpointed layer
 inputs in pinned host memory (``--model.speed.offload_checkpoints``). Both are for compiled, checkpointed layers
 (:mod:`lit_llama_lab.speed.compile`), whose backward recomputes each layer; ``tests/speed/test_memory.py`` checks
 that they change no value, ``tests/gpu/test_memory.py`` what they save on a GPU.
@@ -16,8 +16,8 @@ PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
 
 def _four_bit_base(projection):
-    """The bitsandbytes 4-bit layer that is ``projection`` or peft's LoRA layer's base under it, when the chunked MLP
-    can run it on a weight dequantized once: no bias, and any adapters plain LoRA (no DoRA). Else None."""
+    """The bitsandbytes 4-bit layer that is ``projection`` or peft's LoRA layer's base under it, when the blocks can
+    run it on a weight dequantized once: no bias, and any adapters plain LoRA (no DoRA). Else None."""
     try:
         from bitsandbytes.nn import Linear4bit
     except ImportError:
@@ -59,12 +59,14 @@ def _project(projection, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _chunked_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """The MLP of each of ``self._mlp_chunks`` row blocks of ``x`` (tokens are independent in an MLP), each 4-bit
-    weight dequantized once for all blocks."""
+    """The MLP of each of ``self._mlp_chunks`` row blocks of ``x`` (tokens are independent in an MLP). A Llama MLP of
+    4-bit layers with plain LoRA has each weight dequantized once for all blocks; any other MLP, or adapters switched
+    off (a distillation teacher) or merged, runs its own forward on each block."""
     rows = x.reshape(-1, x.shape[-1]).tensor_split(self._mlp_chunks)
-    projections = [getattr(self, name) for name in PROJECTIONS]
-    if any(getattr(p, "disable_adapters", False) or getattr(p, "merged", False) for p in projections):
-        out = torch.cat([self._unchunked_forward(part) for part in rows])  # adapters off (a teacher) or merged
+    projections = [getattr(self, name, None) for name in PROJECTIONS]
+    if self._mlp_bases is None or any(getattr(p, "disable_adapters", False) or getattr(p, "merged", False)
+                                      for p in projections):
+        out = torch.cat([self._unchunked_forward(part) for part in rows])
     else:
         gate, up, down = ((p, _dequantized(base)) for p, base in zip(projections, self._mlp_bases, strict=True))
         out = torch.cat([_project(*down, self.act_fn(_project(*gate, part)) * _project(*up, part)) for part in rows])
@@ -78,22 +80,23 @@ def chunk_mlp(model, chunks: int) -> int:
     in the order autograd consumes it (torch's partitioner), so each block's gate, up and activation
     (tokens × intermediate size each, 128 MiB at the 1B shape's 8,192 tokens) are recomputed just before that block's
     gradient and freed after it, instead of all 8,192 rows' at once. An eager checkpoint recomputes the whole layer
-    before its backward, so there the blocks save nothing. The three 4-bit weights are dequantized once per pass for
-    all blocks (through bitsandbytes' layers each block would dequantize them again: at the 1B shape that cost 7% of
-    the step). MLPs that are not Llama's gate/up/down over 4-bit layers with plain LoRA are refused. Returns the
-    number of MLPs chunked (0 for ``chunks`` 1).
+    before its backward, so there the blocks save nothing. In a Llama MLP of 4-bit layers with plain LoRA the three
+    weights are dequantized once per pass for all blocks (through bitsandbytes' layers each block would dequantize
+    them again: at the 1B shape that cost 7% of the step); other MLPs (unquantized, DoRA) run their own forward on
+    each block. Returns the number of MLPs chunked (0 for ``chunks`` 1).
     """
     if chunks < 1:
         raise ValueError(f"mlp_chunks={chunks}: use 1 (whole MLPs) or more row blocks.")
     if chunks == 1:
         return 0
     layers = unwrap_peft(model).get_decoder().layers
+    if not all(isinstance(getattr(layer, "mlp", None), torch.nn.Module) for layer in layers):
+        raise ValueError(f"mlp_chunks={chunks} needs decoder layers with an ``mlp`` module, which "
+                         f"{type(layers[0]).__name__} lacks: use --model.speed.mlp_chunks 1.")
     for layer in layers:
         mlp = layer.mlp
         bases = [_four_bit_base(getattr(mlp, name, None)) for name in PROJECTIONS]
-        if None in bases or not hasattr(mlp, "act_fn"):
-            raise ValueError(f"mlp_chunks={chunks} runs Llama MLPs (gate_proj, up_proj, down_proj) of 4-bit layers "
-                             "with plain LoRA adapters (no DoRA, no bias); use --model.speed.mlp_chunks 1.")
+        bases = None if None in bases or not hasattr(mlp, "act_fn") else bases
         if not hasattr(mlp, "_unchunked_forward"):
             mlp._unchunked_forward = mlp.forward
             mlp.forward = types.MethodType(_chunked_mlp_forward, mlp)

@@ -84,6 +84,7 @@ def assert_same_training(run, reference):
 def test_the_mlp_in_row_blocks_computes_the_same_loss_and_gradients(ids, eager_reference):
     module = tiny_model(chunks=3)  # 1,024 rows in blocks of 342, 341, 341
     mlp = module.model.get_base_model().get_decoder().layers[0].mlp
+    assert mlp._mlp_bases is not None  # 4-bit layers with plain LoRA: the weights dequantized once for all blocks
     x = torch.randn(2, 5, mlp.gate_proj.in_features)
     torch.testing.assert_close(mlp(x), mlp._unchunked_forward(x))
     assert_same_training(step(module, ids), eager_reference)
@@ -99,15 +100,19 @@ def test_the_mlp_in_row_blocks_computes_the_same_loss_and_gradients(ids, eager_r
         chunk_mlp(module.model, 0)
 
 
-def test_mlps_the_blocks_cannot_run_are_refused():
+def test_mlps_outside_the_fast_path_run_their_own_forward_per_block():
+    """DoRA reads its weights' norms, so its MLP runs peft's forward on each block: the same values."""
     from lit_llama_lab.train.args import LoraArgs
     from lit_llama_lab.train.module import QLoRAModule
     from tests.helpers import module_args
 
     dora = QLoRAModule(name_or_path="tiny-random", lora=LoraArgs(r=8, alpha=16, use_dora=True), **module_args())
     dora.configure_model()
-    with pytest.raises(ValueError, match="plain LoRA adapters .* use --model.speed.mlp_chunks 1"):
-        chunk_mlp(dora.model, 4)
+    assert chunk_mlp(dora.model, 4) == 2
+    mlp = dora.model.get_base_model().get_decoder().layers[0].mlp
+    assert mlp._mlp_bases is None
+    x = torch.randn(2, 5, mlp.gate_proj.in_features)
+    torch.testing.assert_close(mlp(x), mlp._unchunked_forward(x))
 
 
 def test_row_blocks_shrink_what_a_compiled_checkpointed_layers_backward_holds(ids, eager_reference):
