@@ -11,6 +11,9 @@
 #                Unsloth and TRL + Liger (each learns the same 50 steps of emoji chats on SmolLM2, then the held-out
 #                loss), speed on 3 + 10 steps only.
 #   STAGE=tests  the GPU-only tests (tests/gpu), then the FineTome projection of training's 1B path.
+#   STAGE=install  only the peers' sites (carry .whl3 and .whl4 with this call): about 60 s, which would otherwise
+#                count against a STAGE=quality call's 600 s (the 8th session's R lost TRL + Liger to it). Later calls
+#                reuse the sites without carrying the wheels again.
 #   STAGE=unsloth  Unsloth alone, twice: as the previous session ran it (a parent process that imports unsloth, the
 #                path isolated in a child) and as STAGE=peers does; and the host's pinned copy bandwidth, which
 #                Unsloth's offloaded checkpoints use every step. Then STAGE=peers (PATHS defaults to ours, unsloth,
@@ -19,9 +22,10 @@ set -u
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 UNSLOTH_COMPILE_LOCATION=/tmp/unsloth_cc
 OUT=${OUT:?set OUT}; mkdir -p "$OUT"; PY=python3; START=$(date +%s)
 log() { echo "[$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/summary.txt"; }
-OURS=ours+varlen+compile+graphs  # = what training runs for a 1B model on a GPU (every auto: bf16 activations and adapter matmuls)
-case ${STAGE:?STAGE=peers, quality, loss, tests or unsloth} in
-unsloth|peers|quality)
+OURS=ours+varlen+compile+graphs  # = what training runs for a 1B model on a GPU (every auto: bf16 activations and adapter
+                                 # matmuls, the MLP in 6 row blocks, checkpoints in host memory)
+case ${STAGE:?STAGE=peers, quality, loss, tests, install or unsloth} in
+unsloth|peers|quality|install)
   source scripts/gpu_peer_sites.sh; log "installed" ;;&
 unsloth)
   "$PY" - >> "$OUT/summary.txt" 2>&1 <<'PY'
