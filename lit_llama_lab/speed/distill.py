@@ -55,8 +55,8 @@ def linear_kl(hidden: torch.Tensor, base: torch.Tensor, weight: torch.Tensor, ma
     return LinearKL.apply(hidden, base.detach(), weight.detach(), mask, chunk)
 
 
-def distilled_label_loss(model, batch: dict, weight: float, chunk: int = 0,
-                         teacher: torch.Tensor | None = None, fixed_shapes: bool = True) -> torch.Tensor:
+def distilled_label_loss(model, batch: dict, weight: float, chunk: int = 0, teacher: torch.Tensor | None = None,
+                         fixed_shapes: bool = True, compiled: bool = False) -> torch.Tensor:
     """:func:`lit_llama_lab.speed.loss.fast_label_loss` (mean cross-entropy over labelled positions) plus ``weight`` ×
     KL(base ‖ model) over the labelled positions of replay tokens (``batch["distill_mask"]``). The base's final
     hidden states come from ``teacher`` (a :class:`TeacherCache` table, rows picked by ``batch["teacher_index"]``)
@@ -64,7 +64,9 @@ def distilled_label_loss(model, batch: dict, weight: float, chunk: int = 0,
     once, for both terms. ``fixed_shapes`` (what a CUDA graph needs) computes vocabulary logits at every position,
     weighing the others by zero; ``False`` picks the labelled positions for the cross-entropy and the replay
     positions for the KL first (a host sync), which saves most of the vocabulary projection's cost where prompts
-    are most of the tokens and a fifth of the chats are replay chats (without graphs: CPU, FSDP)."""
+    are most of the tokens and a fifth of the chats are replay chats (without graphs: CPU, FSDP). ``compiled``: the
+    cross-entropy's chunks run compiled, as the label loss's do (:func:`lit_llama_lab.speed.loss.chunk_kernel`); the
+    KL's chunks stay eager."""
     if teacher is not None:
         base = teacher[batch["teacher_index"]]
     else:
@@ -79,9 +81,10 @@ def distilled_label_loss(model, batch: dict, weight: float, chunk: int = 0,
     distill = batch["distill_mask"]
     mask = (distill[:, :-1] & distill[:, 1:]).reshape(-1) & (targets != IGNORE_INDEX)
     if fixed_shapes:
-        return linear_cross_entropy(rows, vocab, targets, chunk) + weight * linear_kl(rows, base_rows, vocab, mask, chunk)
+        return (linear_cross_entropy(rows, vocab, targets, chunk, compiled)
+                + weight * linear_kl(rows, base_rows, vocab, mask, chunk))
     labelled, picked = (targets != IGNORE_INDEX).nonzero().squeeze(1), mask.nonzero().squeeze(1)
-    return (linear_cross_entropy(rows[labelled], vocab, targets[labelled], chunk)
+    return (linear_cross_entropy(rows[labelled], vocab, targets[labelled], chunk, compiled)
             + weight * linear_kl(rows[picked], base_rows[picked], vocab, mask[picked], chunk))
 
 

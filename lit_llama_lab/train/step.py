@@ -53,7 +53,7 @@ class TrainStep:
         teacher = self.teacher.table if cached else None
         if distill:
             loss_fn = partial(distilled_label_loss, weight=self.distill_weight, teacher=teacher,
-                              fixed_shapes=self.plan.cuda_graphs)
+                              fixed_shapes=self.plan.cuda_graphs, compiled=self.plan.compile)
         else:
             loss_fn = partial(fast_label_loss, compiled=self.plan.compile)
         if self.plan.cuda_graphs:

@@ -79,6 +79,12 @@ def test_distilled_loss_is_cross_entropy_plus_weighted_kl_to_the_base():
     picked_grads = torch.autograd.grad(picked, [p for p in module.model.parameters() if p.requires_grad])
     for a, b in zip(picked_grads, fixed_grads, strict=True):
         torch.testing.assert_close(a, b)
+    # the plan's compile (wide models on a GPU) runs the cross-entropy's chunks compiled: the same loss and gradients
+    compiled = distilled_label_loss(module.model, batch, weight=2.0, compiled=True)
+    torch.testing.assert_close(compiled, distilled)
+    compiled_grads = torch.autograd.grad(compiled, [p for p in module.model.parameters() if p.requires_grad])
+    for a, b in zip(compiled_grads, fixed_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     none = {**batch, "distill_mask": torch.zeros_like(batch["distill_mask"])}
     torch.testing.assert_close(distilled_label_loss(module.model, none, weight=2.0), plain)
     distilled.backward()
