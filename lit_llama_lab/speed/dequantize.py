@@ -7,22 +7,39 @@ from __future__ import annotations
 import torch
 
 
-def _dequantized_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """A 4-bit layer's forward over its cached dequantized weight: bitsandbytes' math (input cast to the compute
-    dtype, one matmul with the NF4 weight dequantized, output in the input's dtype) without dequantizing again."""
-    weight = self._dequantized
-    bias = None if self.bias is None else self.bias.to(weight.dtype)
+def four_bit_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """bitsandbytes' 4-bit layer math over its weight already dequantized (``weight``, in the compute dtype): input
+    cast to the compute dtype, one matmul, output in the input's dtype."""
+    bias = None if bias is None else bias.to(weight.dtype)
     return torch.nn.functional.linear(x.to(weight.dtype), weight, bias).to(x.dtype)
+
+
+def _dequantized_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """A 4-bit layer's forward over its cached dequantized weight, without dequantizing again."""
+    return four_bit_linear(x, self._dequantized, self.bias)
+
+
+def is_four_bit(module) -> bool:
+    """``module`` is a bitsandbytes 4-bit linear layer holding a quantized weight."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return False
+    return isinstance(module, Linear4bit) and getattr(module.weight, "quant_state", None) is not None
+
+
+def dequantize_weight(module) -> torch.Tensor:
+    """A 4-bit layer's weight dequantized to its compute dtype (bitsandbytes' own dequantization)."""
+    import bitsandbytes.functional as bnbf
+
+    state = module.weight.quant_state
+    return bnbf.dequantize_4bit(module.weight, state).to(module.compute_dtype or state.dtype)
 
 
 def four_bit_layers(model) -> list:
     """bitsandbytes' 4-bit linear layers of ``model`` (not the peft wrappers around them, whose ``weight`` is
     theirs)."""
-    try:
-        from bitsandbytes.nn import Linear4bit
-    except ImportError:
-        return []
-    return [m for m in model.modules() if isinstance(m, Linear4bit) and getattr(m.weight, "quant_state", None)]
+    return [m for m in model.modules() if is_four_bit(m)]
 
 
 def dequantized_bytes(model) -> int:
@@ -45,15 +62,12 @@ def cache_dequantized_weights(model) -> int:
     The copy is a non-persistent buffer: it moves with the module and stays out of state dicts. A weight changed
     later (a merge) must not be trained through the cache.
     """
-    import bitsandbytes.functional as bnbf
-
     count = 0
     for module in four_bit_layers(model):
         if getattr(module, "_dequantized", None) is not None:
             continue
-        state = module.weight.quant_state
         with torch.no_grad():
-            dequantized = bnbf.dequantize_4bit(module.weight.data, state).to(module.compute_dtype or state.dtype)
+            dequantized = dequantize_weight(module)
         # a buffer moves with the module (``.cuda()``); non-persistent: never in a state dict or checkpoint
         module.register_buffer("_dequantized", dequantized, persistent=False)
         module.forward = _dequantized_forward.__get__(module)

@@ -11,6 +11,7 @@ import types
 import torch
 
 from lit_llama_lab.model.adapters import unwrap_peft
+from lit_llama_lab.speed.dequantize import dequantize_weight, four_bit_linear, is_four_bit
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -18,33 +19,23 @@ PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 def _four_bit_base(projection):
     """The bitsandbytes 4-bit layer that is ``projection`` or peft's LoRA layer's base under it, when the blocks can
     run it on a weight dequantized once: no bias, and any adapters plain LoRA (no DoRA). Else None."""
-    try:
-        from bitsandbytes.nn import Linear4bit
-    except ImportError:
-        return None
     base = projection.get_base_layer() if hasattr(projection, "get_base_layer") else projection
-    if (not isinstance(base, Linear4bit) or getattr(base.weight, "quant_state", None) is None
-            or base.bias is not None or getattr(projection, "lora_variant", None)):
+    if not is_four_bit(base) or base.bias is not None or getattr(projection, "lora_variant", None):
         return None
     return base
 
 
 def _dequantized(base) -> torch.Tensor:
     """``base``'s weight in its compute dtype: the cached copy of ``dequantize_once``, or dequantized now."""
-    import bitsandbytes.functional as bnbf
-
     cached = getattr(base, "_dequantized", None)
-    if cached is not None:
-        return cached
-    state = base.weight.quant_state
-    return bnbf.dequantize_4bit(base.weight, state).to(base.compute_dtype or state.dtype)
+    return cached if cached is not None else dequantize_weight(base)
 
 
 def _project(projection, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """What ``projection`` (a 4-bit layer, or peft's LoRA over one) computes for ``x``, its 4-bit weight given as
-    ``weight``: bitsandbytes' matmul (input cast to the compute dtype, output in the input's dtype) plus, as peft's
+    ``weight``: bitsandbytes' math (:func:`~lit_llama_lab.speed.dequantize.four_bit_linear`) plus, as peft's
     ``Linear4bit.forward`` adds them, the active adapters' updates."""
-    result = torch.nn.functional.linear(x.to(weight.dtype), weight).to(x.dtype)
+    result = four_bit_linear(x, weight)
     if not hasattr(projection, "lora_A"):  # a 4-bit layer without adapters
         return result
     for name in projection.active_adapters:
