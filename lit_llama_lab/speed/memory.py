@@ -132,7 +132,7 @@ class CheckpointOffload:
         self.last: _Offloaded | None = None  # the input packed last in this forward pass
         self.sent: list[tuple[torch.Tensor, torch.cuda.Event]] = []  # GPU inputs whose copy is not joined yet
         self.stream: torch.cuda.Stream | None = None
-        self.offloaded = 0  # inputs packed to the host so far (logs and tests)
+        self.offloaded = 0  # inputs packed to the host so far (the tests read it)
 
     def start(self) -> None:
         """A forward pass of the decoder begins (its layers' inputs are packed in order)."""
