@@ -12,7 +12,6 @@ import torch
 
 from lit_llama_lab.model.adapters import unwrap_peft
 from lit_llama_lab.speed.dequantize import dequantize_weight, four_bit_linear, is_four_bit
-from lit_llama_lab.speed.fp8 import fp8_linear, fp8_ready
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -32,12 +31,11 @@ def _dequantized(base) -> torch.Tensor:
     return cached if cached is not None else dequantize_weight(base)
 
 
-def _project(projection, base, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """What ``projection`` (a 4-bit layer ``base``, or peft's LoRA over it) computes for ``x``, the 4-bit weight
-    given as ``weight``: bitsandbytes' math (:func:`~lit_llama_lab.speed.dequantize.four_bit_linear`, or its fp8
-    form where :mod:`~lit_llama_lab.speed.fp8` switched ``base``) plus, as peft's ``Linear4bit.forward`` adds them,
-    the active adapters' updates."""
-    result = (fp8_linear if fp8_ready(base) else four_bit_linear)(x, weight)
+def _project(projection, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """What ``projection`` (a 4-bit layer, or peft's LoRA over one) computes for ``x``, its 4-bit weight given as
+    ``weight``: bitsandbytes' math (:func:`~lit_llama_lab.speed.dequantize.four_bit_linear`) plus, as peft's
+    ``Linear4bit.forward`` adds them, the active adapters' updates."""
+    result = four_bit_linear(x, weight)
     if not hasattr(projection, "lora_A"):  # a 4-bit layer without adapters
         return result
     for name in projection.active_adapters:
@@ -61,7 +59,7 @@ def _chunked_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
                                       for p in projections):
         out = torch.cat([self._unchunked_forward(part) for part in rows])
     else:
-        gate, up, down = ((p, base, _dequantized(base)) for p, base in zip(projections, self._mlp_bases, strict=True))
+        gate, up, down = ((p, _dequantized(base)) for p, base in zip(projections, self._mlp_bases, strict=True))
         out = torch.cat([_project(*down, self.act_fn(_project(*gate, part)) * _project(*up, part)) for part in rows])
     return out.reshape(*x.shape[:-1], out.shape[-1])
 

@@ -235,12 +235,12 @@ def measure_path(builder: Callable, options: dict, setup: dict, batch: dict, ste
 
 
 def loss_options(options: dict, plan: dict | None) -> dict:
-    """``options`` for the loss check: ``adapter_matmuls``, ``fp32_activations`` and ``fp8_matmuls`` ``auto``
-    replaced by what the speed row's ``plan`` ran."""
+    """``options`` for the loss check: ``adapter_matmuls`` and ``fp32_activations`` ``auto`` replaced by what the
+    speed row's ``plan`` ran."""
     if plan is None:
         return options
     decided = {"adapter_matmuls": "float32" if plan["adapter_matmul_dtype"] == "float32" else "compute",
-               "fp32_activations": plan["fp32_activations"], "fp8_matmuls": plan.get("fp8_matmuls", False)}
+               "fp32_activations": plan["fp32_activations"]}
     return {**options, **{k: v for k, v in decided.items() if options.get(k) == "auto"}}
 
 

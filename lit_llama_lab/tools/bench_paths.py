@@ -34,8 +34,7 @@ MODIFIERS = {"sdpa": ("attention", "sdpa"), "flex": ("attention", "flex_attentio
              "compile": ("compile", True), "liger": ("liger", True), "graphs": ("cuda_graphs", True),
              "bf16act": ("fp32_activations", False), "fp32act": ("fp32_activations", True),
              "bf16lora": ("adapter_matmuls", "compute"), "fp32lora": ("adapter_matmuls", "float32"),
-             "mlp1": ("mlp_chunks", 1), "mlp8": ("mlp_chunks", 8), "nooffload": ("offload_checkpoints", False),
-             "fp8": ("fp8_matmuls", True), "nofp8": ("fp8_matmuls", False)}
+             "mlp1": ("mlp_chunks", 1), "mlp8": ("mlp_chunks", 8), "nooffload": ("offload_checkpoints", False)}
 
 
 def shape_model(shape: Shape, tokenizer: str = "smollm2-135m") -> str:
@@ -147,8 +146,7 @@ def build_ours(name: str, rank: int, checkpointing: bool, device: torch.device, 
 def path_options(path: str, defaults: dict) -> tuple[Callable, dict]:
     """``baseline`` (``+amp``), ``ours`` plus ``+modifiers`` (sdpa, flex, varlen, compile, liger, graphs,
     bf16act / fp32act: hidden states in bf16 / fp32, bf16lora / fp32lora: the adapters' matmuls in bf16 / fp32,
-    mlp1 / mlp8: the MLP whole / in 8 row blocks, nooffload: checkpoints kept on the GPU, fp8 / nofp8: the 4-bit
-    base's matmuls in fp8 / bf16),
+    mlp1 / mlp8: the MLP whole / in 8 row blocks, nooffload: checkpoints kept on the GPU),
     or a peer (``trl``, ``trl+liger``, ``unsloth``: :mod:`lit_llama_lab.tools.bench_peers`) -> builder, options.
     ``amp`` (bf16 autocast) is off for ``ours``, whose step is training's, and for ``baseline``, the issue's recipe as
     written; ``baseline+amp`` turns it on. ``defaults``: the speed and precision settings the modifiers start from."""

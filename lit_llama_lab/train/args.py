@@ -119,11 +119,6 @@ class SpeedArgs:
             memory, copied on a side stream that overlaps the compute
             (:class:`lit_llama_lab.speed.memory.CheckpointOffload`; CUDA graphs capture it). ``auto``: on for
             compiled layers with gradient checkpointing on a CUDA GPU. ``true`` needs those three.
-        fp8_matmuls: run the frozen 4-bit base's forward and input-gradient matmuls in float8 (e4m3) with a scale per
-            row (:mod:`lit_llama_lab.speed.fp8`) while training; evaluation and generation stay in bf16. ``auto``: on
-            for compiled layers of a 4-bit model of hidden size >= 1024 computing in bf16 on a GPU of compute
-            capability 8.9 or newer (H100, H200, L40S); off for SmolLM2 and on CPUs. ``true`` needs a 4-bit base in
-            bf16.
         liger: Liger-Kernel's fused RMSNorm, RoPE and SwiGLU (needs ``liger-kernel`` and a CUDA GPU).
         cache_teacher: with ``--model.distill_weight`` > 0, run the frozen base over the replay chats once at the
             start of training and keep its final hidden states (:class:`lit_llama_lab.speed.distill.TeacherCache`),
@@ -140,6 +135,5 @@ class SpeedArgs:
     gradient_checkpointing: bool = False
     mlp_chunks: int | Literal["auto"] = "auto"
     offload_checkpoints: bool | Literal["auto"] = "auto"
-    fp8_matmuls: bool | Literal["auto"] = "auto"
     liger: bool = False
     cache_teacher: bool = True

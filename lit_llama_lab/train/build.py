@@ -16,7 +16,6 @@ from lit_llama_lab.model.precision import adapter_matmuls_in, keep_fp32_activati
 from lit_llama_lab.speed.attention import use_attention
 from lit_llama_lab.speed.compile import apply_liger, checkpoint_kwargs, compile_decoder_layers
 from lit_llama_lab.speed.dequantize import cache_dequantized_weights
-from lit_llama_lab.speed.fp8 import use_fp8_matmuls
 from lit_llama_lab.speed.memory import chunk_mlp, offload_checkpoints
 from lit_llama_lab.train.args import LoraArgs, PrecisionArgs, SpeedArgs
 from lit_llama_lab.train.plan import Plan, resolve, target_for
@@ -71,8 +70,6 @@ def build(name_or_path: str, quantize: str, lora: LoraArgs, plan: Plan, init_ada
         log.info("%d adapter matrices multiply in %s (fp32 weights).", swapped, plan.adapter_matmul_dtype)
     if plan.dequantize_once:
         cache_dequantized_weights(model)
-    if plan.fp8_matmuls:
-        log.info("%d 4-bit layers multiply in fp8 while training.", use_fp8_matmuls(model))
     chunk_mlp(model, plan.mlp_chunks)
     if plan.compile:
         compile_decoder_layers(model)

@@ -85,7 +85,6 @@ class Plan:
     gradient_checkpointing: bool
     mlp_chunks: int = 1
     offload_checkpoints: bool = False
-    fp8_matmuls: bool = False
     liger: bool = False
     fsdp: bool = False
     adapter_matmul_dtype: torch.dtype = torch.float32
@@ -122,7 +121,6 @@ class Plan:
                  "checkpointing" if self.gradient_checkpointing else "no checkpointing"]
         parts += [f"MLP in {self.mlp_chunks} row blocks"] * (self.mlp_chunks > 1)
         parts += ["checkpoints in host memory"] * self.offload_checkpoints
-        parts += ["the 4-bit base's matmuls in fp8"] * self.fp8_matmuls
         return ", ".join(parts + ["Liger"] * self.liger + ["FSDP"] * self.fsdp)
 
 
@@ -257,30 +255,6 @@ def resolve_offload(setting, compiled: bool, checkpointing: bool, target: Target
     return possible
 
 
-def fp8_capable(device: torch.device) -> bool:
-    """A CUDA GPU with float8 tensor cores (compute capability 8.9 or newer: Ada, Hopper, Blackwell)."""
-    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 9)
-
-
-def resolve_fp8(setting, compiled: bool, compute: torch.dtype, target: Target, reasons: list[str]) -> bool:
-    """``auto``: on for compiled layers of :func:`wide_on_gpu` models computing in bf16 on an fp8-capable GPU (the
-    1B default on an H100/H200), where the base's GEMMs are most of the step and the compiled layer fuses the
-    quantization into its kernels; off elsewhere (SmolLM2, CPUs: the step is bound by launches, or there is no fp8
-    hardware). ``true`` forces it wherever torch can run it (a CPU too, slowly: how the CPU tests check it)."""
-    forced = _switch("fp8_matmuls", setting, target.fsdp, "FSDP shards the 4-bit weights")
-    if forced is not None:
-        if forced and (compute != torch.bfloat16 or not target.four_bit_params):
-            raise ValueError("fp8_matmuls=true needs a 4-bit base (--model.quantize nf4) computing in bf16 "
-                             "(--model.precision.compute_dtype bfloat16); use --model.speed.fp8_matmuls auto or false.")
-        return forced
-    on = (compiled and compute == torch.bfloat16 and bool(target.four_bit_params) and wide_on_gpu(compute, target)
-          and not target.fsdp and fp8_capable(target.device))
-    reasons.append(f"fp8_matmuls {'on' if on else 'off'}: {target.device.type}, hidden size {target.hidden_size}, "
-                   f"{'compiled' if compiled else 'eager'} layers (on for compiled 4-bit layers in bf16 from "
-                   f"{COMPILE_MIN_HIDDEN} wide on a GPU of compute capability 8.9+)")
-    return on
-
-
 def resolve(precision: PrecisionArgs, speed: SpeedArgs, lora_dropout: float, target: Target) -> Plan:
     """Decide every ``auto`` of ``precision`` and ``speed`` for ``target``, once; refuse what cannot run there,
     naming the setting to change."""
@@ -304,7 +278,6 @@ def resolve(precision: PrecisionArgs, speed: SpeedArgs, lora_dropout: float, tar
         gradient_checkpointing=checkpointing,
         mlp_chunks=resolve_mlp_chunks(speed.mlp_chunks, compiled, checkpointing, reasons),
         offload_checkpoints=resolve_offload(speed.offload_checkpoints, compiled, checkpointing, target, reasons),
-        fp8_matmuls=resolve_fp8(speed.fp8_matmuls, compiled, compute, target, reasons),
         liger=speed.liger,
         fsdp=target.fsdp,
         adapter_matmul_dtype=resolve_adapter_matmuls(precision.adapter_matmuls, compute, target, reasons),

@@ -57,7 +57,7 @@ def train(folder: str, speed: dict) -> dict:
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss))
     return {"losses": losses, "peak": torch.cuda.max_memory_allocated() / 2**30, "graphed": len(step.graphed.graphs),
-            "chunks": plan.mlp_chunks, "offload": plan.offload_checkpoints, "fp8": plan.fp8_matmuls}
+            "chunks": plan.mlp_chunks, "offload": plan.offload_checkpoints}
 
 
 def run(folder: str, **speed) -> dict:
@@ -72,9 +72,9 @@ def run(folder: str, **speed) -> dict:
 
 def test_row_blocks_and_offloaded_checkpoints_train_the_same_in_less_memory(wide_model):
     runs = {name: run(wide_model, **speed) for name, speed in (
-        ("whole MLP, checkpoints on the GPU", {"mlp_chunks": 1, "offload_checkpoints": False, "fp8_matmuls": False}),
-        ("MLP in blocks", {"offload_checkpoints": False, "fp8_matmuls": False}),
-        ("MLP in blocks, checkpoints in host memory", {"fp8_matmuls": False}))}
+        ("whole MLP, checkpoints on the GPU", {"mlp_chunks": 1, "offload_checkpoints": False}),
+        ("MLP in blocks", {"offload_checkpoints": False}),
+        ("MLP in blocks, checkpoints in host memory (auto)", {}))}
     print(runs)
     plain, blocks, auto = runs.values()
     assert auto["chunks"] == blocks["chunks"] > 1 and auto["offload"] and all(r["graphed"] == 1 for r in runs.values())

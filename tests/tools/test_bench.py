@@ -32,16 +32,14 @@ def test_path_modifiers_and_clear_errors():
 
 
 def test_the_loss_check_runs_the_numerics_the_speed_row_ran():
-    """``adapter_matmuls``, ``fp32_activations`` and ``fp8_matmuls`` ``auto`` decide by model width; the SmolLM2 loss
-    check of a 1B row must not decide again."""
-    options = {"amp": False, "adapter_matmuls": "auto", "fp32_activations": "auto", "fp8_matmuls": "auto"}
-    wide = {"adapter_matmul_dtype": "bfloat16", "fp32_activations": False, "fp8_matmuls": True}
-    assert loss_options(options, wide) == {"amp": False, "adapter_matmuls": "compute", "fp32_activations": False,
-                                           "fp8_matmuls": True}
-    narrow = {"adapter_matmul_dtype": "float32", "fp32_activations": True, "fp8_matmuls": False}
-    assert loss_options(options, narrow) == {"amp": False, "adapter_matmuls": "float32", "fp32_activations": True,
-                                             "fp8_matmuls": False}
-    named = {**options, "adapter_matmuls": "float32", "fp32_activations": True, "fp8_matmuls": False}
+    """``adapter_matmuls`` and ``fp32_activations`` ``auto`` decide by model width; the SmolLM2 loss check of a 1B
+    row must not decide again."""
+    options = {"amp": False, "adapter_matmuls": "auto", "fp32_activations": "auto"}
+    wide = {"adapter_matmul_dtype": "bfloat16", "fp32_activations": False}
+    assert loss_options(options, wide) == {"amp": False, "adapter_matmuls": "compute", "fp32_activations": False}
+    narrow = {"adapter_matmul_dtype": "float32", "fp32_activations": True}
+    assert loss_options(options, narrow) == {"amp": False, "adapter_matmuls": "float32", "fp32_activations": True}
+    named = {**options, "adapter_matmuls": "float32", "fp32_activations": True}
     assert loss_options(named, wide) == named  # named settings stay
     assert loss_options(options, None) == options  # baseline and peers have no plan
 
