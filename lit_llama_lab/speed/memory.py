@@ -14,6 +14,16 @@ from lit_llama_lab.model.adapters import unwrap_peft
 from lit_llama_lab.speed.dequantize import dequantize_weight, four_bit_linear, is_four_bit
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+# The blocks and the offload trade speed for memory, which only large micro-batches need: they apply from this many
+# tokens a micro-batch. At the 1B shape's 4 x 2,048 they take the peak from 3.33 to 1.91 GiB for 8% of the speed;
+# on FineTome-like batches (16 conversations, 2 rows of <= 2,048 tokens, 2.9 GiB without them) they made the step 2.4x
+# slower: 0.52 h per 100,000 conversations against 0.22 h (docs/speed.md). Smaller batches run the whole MLP and keep
+# their checkpoints on the GPU.
+MIN_TOKENS = 8192
+
+
+def _tokens(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.dim() else 0
 
 
 def _four_bit_base(projection):
@@ -53,6 +63,8 @@ def _chunked_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     """The MLP of each of ``self._mlp_chunks`` row blocks of ``x`` (tokens are independent in an MLP). A Llama MLP of
     4-bit layers with plain LoRA has each weight dequantized once for all blocks; any other MLP, or adapters switched
     off (a distillation teacher) or merged, runs its own forward on each block."""
+    if _tokens(x) < self._mlp_min_tokens:
+        return self._unchunked_forward(x)
     rows = x.reshape(-1, x.shape[-1]).tensor_split(self._mlp_chunks)
     projections = [getattr(self, name, None) for name in PROJECTIONS]
     if self._mlp_bases is None or any(getattr(p, "disable_adapters", False) or getattr(p, "merged", False)
@@ -64,8 +76,9 @@ def _chunked_mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def chunk_mlp(model, chunks: int) -> int:
-    """Run each decoder layer's MLP in ``chunks`` row blocks (the same values: each token's MLP is its own).
+def chunk_mlp(model, chunks: int, min_tokens: int = MIN_TOKENS) -> int:
+    """Run each decoder layer's MLP in ``chunks`` row blocks (the same values: each token's MLP is its own) for inputs
+    of at least ``min_tokens`` tokens (:data:`MIN_TOKENS`); smaller inputs run the MLP whole.
 
     What it saves is the backward's memory of a compiled, checkpointed layer: its backward graph recomputes the layer
     in the order autograd consumes it (torch's partitioner), so each block's gate, up and activation
@@ -91,7 +104,7 @@ def chunk_mlp(model, chunks: int) -> int:
         if not hasattr(mlp, "_unchunked_forward"):
             mlp._unchunked_forward = mlp.forward
             mlp.forward = types.MethodType(_chunked_mlp_forward, mlp)
-        mlp._mlp_chunks, mlp._mlp_bases = chunks, bases
+        mlp._mlp_chunks, mlp._mlp_bases, mlp._mlp_min_tokens = chunks, bases, min_tokens
     return len(layers)
 
 
@@ -120,12 +133,13 @@ class CheckpointOffload:
 
     A step's CUDA graph can capture it: host buffers are made in the eager warm-up pass and kept (a slot per saved
     input, shared by every graph: graphs replay one at a time), and every side-stream copy is joined before the
-    forward (:meth:`end`, after the decoder's forward) and the backward end. Parameters and tensors without
-    gradients (rotary tables, the LoRA scaling) stay where they are. Off CUDA the copies are plain host copies
+    forward (:meth:`end`, after the decoder's forward) and the backward end. Parameters, tensors without
+    gradients (rotary tables, the LoRA scaling) and inputs of fewer than ``min_tokens`` tokens stay where they are. Off CUDA the copies are plain host copies
     (how the CPU tests check the bookkeeping).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, min_tokens: int = MIN_TOKENS) -> None:
+        self.min_tokens = min_tokens  # smaller inputs stay on the GPU (:data:`MIN_TOKENS`)
         self.host: list[torch.Tensor] = []  # a pinned buffer per slot
         self.retired: list[torch.Tensor] = []  # outgrown buffers: a captured graph may still copy into them
         self.free: set[int] = set()  # slots whose saved input autograd has dropped
@@ -165,7 +179,7 @@ class CheckpointOffload:
         return slot
 
     def pack(self, tensor: torch.Tensor):
-        if not tensor.requires_grad or isinstance(tensor, torch.nn.Parameter):
+        if not tensor.requires_grad or isinstance(tensor, torch.nn.Parameter) or _tokens(tensor) < self.min_tokens:
             return tensor
         saved = self.last = _Offloaded(self, self.take_slot(tensor), tensor, self.last)
         host = self.view(saved.slot, tensor.shape, tensor.dtype)
@@ -215,13 +229,13 @@ class CheckpointOffload:
         return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
 
 
-def offload_checkpoints(model) -> CheckpointOffload:
+def offload_checkpoints(model, min_tokens: int = MIN_TOKENS) -> CheckpointOffload:
     """Keep the inputs that compiled, checkpointed decoder layers save for backward in pinned host memory
     (:class:`CheckpointOffload`): 16 × 32 MiB at the 1B shape. Layers must be compiled first
     (:func:`lit_llama_lab.speed.compile.compile_decoder_layers`): an eager checkpoint keeps its input by reference,
     out of any hook's reach."""
     decoder = unwrap_peft(model).get_decoder()
-    offload = CheckpointOffload()
+    offload = CheckpointOffload(min_tokens)
     for layer in decoder.layers:
         compiled = layer._compiled_call_impl
         if compiled is None:

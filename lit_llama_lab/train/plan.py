@@ -13,6 +13,7 @@ import torch
 
 from lit_llama_lab.model.precision import dtype_name, resolve_compute_dtype, resolve_quant_storage
 from lit_llama_lab.speed.attention import loading_attention, varlen_unsupported
+from lit_llama_lab.speed.memory import MIN_TOKENS
 from lit_llama_lab.train.args import PrecisionArgs, SpeedArgs
 
 log = logging.getLogger(__name__)
@@ -119,8 +120,9 @@ class Plan:
                  "dequantized once" if self.dequantize_once else "dequantized at every use",
                  f"CUDA graphs (rows padded to {self.graph_pad_multiple})" if self.cuda_graphs else "no CUDA graphs",
                  "checkpointing" if self.gradient_checkpointing else "no checkpointing"]
-        parts += [f"MLP in {self.mlp_chunks} row blocks"] * (self.mlp_chunks > 1)
-        parts += ["checkpoints in host memory"] * self.offload_checkpoints
+        large = f" (micro-batches of {MIN_TOKENS:,}+ tokens)"
+        parts += [f"MLP in {self.mlp_chunks} row blocks{large}"] * (self.mlp_chunks > 1)
+        parts += [f"checkpoints in host memory{large}"] * self.offload_checkpoints
         return ", ".join(parts + ["Liger"] * self.liger + ["FSDP"] * self.fsdp)
 
 

@@ -40,14 +40,14 @@ def peak_bytes(graph_module) -> int:
     return peak
 
 
-def tiny_model(compile_backend=None, chunks: int = 1):
+def tiny_model(compile_backend=None, chunks: int = 1, min_tokens: int = 0):
     """The tiny 4-bit model with checkpointing, its layers compiled (``compile_backend``) under our checkpoint policy,
-    its MLPs in ``chunks`` row blocks."""
+    its MLPs in ``chunks`` row blocks from ``min_tokens`` tokens (0: any batch; training's default is 8,192)."""
     torch.manual_seed(0)
     module = make_module(gradient_checkpointing=True, compute_dtype="float32", tf32=False)
     model = module.model
     model.train()
-    chunk_mlp(model, chunks)
+    chunk_mlp(model, chunks, min_tokens)
     for layer in model.get_base_model().get_decoder().layers:
         layer._gradient_checkpointing_func = partial(checkpoint, **checkpoint_kwargs(compiled=True))
         if compile_backend is not None:
@@ -143,7 +143,7 @@ def test_row_blocks_shrink_what_a_compiled_checkpointed_layers_backward_holds(id
 
 def test_offloaded_checkpoints_train_the_same_and_reuse_their_host_slots(ids, eager_reference):
     module = tiny_model("aot_eager")
-    offload = offload_checkpoints(module.model)
+    offload = offload_checkpoints(module.model, min_tokens=ids.numel())  # this batch is just big enough
     layers = module.model.get_base_model().get_decoder().layers
     for _ in range(2):
         assert_same_training(step(module, ids), eager_reference)
@@ -151,6 +151,26 @@ def test_offloaded_checkpoints_train_the_same_and_reuse_their_host_slots(ids, ea
     assert len(offload.host) == len(layers) and offload.free == set(range(len(layers)))  # the slots came back
     hidden = module.model.get_base_model().config.hidden_size
     assert all(buffer.numel() == ids.numel() * hidden * 4 for buffer in offload.host)
+
+
+def test_small_micro_batches_keep_the_whole_mlp_and_their_checkpoints_on_the_device(ids, eager_reference):
+    """Below ``min_tokens`` (training's default: 8,192) the blocks and the offload cost speed for memory a small batch
+    does not need: the MLP runs whole and nothing goes to the host. The same training either way."""
+    tokens = ids.numel()
+    whole = []
+    for min_tokens in (tokens + 1, tokens):  # just too small, just big enough
+        module = tiny_model(chunks=3, min_tokens=min_tokens)
+        calls = []
+        for layer in module.model.get_base_model().get_decoder().layers:
+            unchunked = layer.mlp._unchunked_forward
+            layer.mlp._unchunked_forward = lambda x, f=unchunked, c=calls: c.append(x.numel() // x.shape[-1]) or f(x)
+        assert_same_training(step(module, ids), eager_reference)
+        whole.append(calls)
+    assert whole[0] and set(whole[0]) == {tokens} and whole[1] == []  # whole MLPs only below the threshold
+    module = tiny_model("aot_eager")
+    offload = offload_checkpoints(module.model, min_tokens=tokens + 1)
+    assert_same_training(step(module, ids), eager_reference)
+    assert offload.offloaded == 0 and offload.host == []
 
 
 def test_offload_needs_compiled_layers():
