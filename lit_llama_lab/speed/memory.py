@@ -133,13 +133,12 @@ class CheckpointOffload:
 
     A step's CUDA graph can capture it: host buffers are made in the eager warm-up pass and kept (a slot per saved
     input, shared by every graph: graphs replay one at a time), and every side-stream copy is joined before the
-    forward (:meth:`end`, after the decoder's forward) and the backward end. Parameters, tensors without
-    gradients (rotary tables, the LoRA scaling) and inputs of fewer than ``min_tokens`` tokens stay where they are. Off CUDA the copies are plain host copies
+    forward (:meth:`end`, after the decoder's forward) and the backward end. Parameters and tensors without
+    gradients (rotary tables, the LoRA scaling) stay where they are. Off CUDA the copies are plain host copies
     (how the CPU tests check the bookkeeping).
     """
 
-    def __init__(self, min_tokens: int = MIN_TOKENS) -> None:
-        self.min_tokens = min_tokens  # smaller inputs stay on the GPU (:data:`MIN_TOKENS`)
+    def __init__(self) -> None:
         self.host: list[torch.Tensor] = []  # a pinned buffer per slot
         self.retired: list[torch.Tensor] = []  # outgrown buffers: a captured graph may still copy into them
         self.free: set[int] = set()  # slots whose saved input autograd has dropped
@@ -179,7 +178,7 @@ class CheckpointOffload:
         return slot
 
     def pack(self, tensor: torch.Tensor):
-        if not tensor.requires_grad or isinstance(tensor, torch.nn.Parameter) or _tokens(tensor) < self.min_tokens:
+        if not tensor.requires_grad or isinstance(tensor, torch.nn.Parameter):
             return tensor
         saved = self.last = _Offloaded(self, self.take_slot(tensor), tensor, self.last)
         host = self.view(saved.slot, tensor.shape, tensor.dtype)
@@ -231,11 +230,12 @@ class CheckpointOffload:
 
 def offload_checkpoints(model, min_tokens: int = MIN_TOKENS) -> CheckpointOffload:
     """Keep the inputs that compiled, checkpointed decoder layers save for backward in pinned host memory
-    (:class:`CheckpointOffload`): 16 × 32 MiB at the 1B shape. Layers must be compiled first
+    (:class:`CheckpointOffload`): 16 × 32 MiB at the 1B shape. Only for inputs of at least ``min_tokens`` tokens
+    (:data:`MIN_TOKENS`): a smaller batch's layers run without the hooks. Layers must be compiled first
     (:func:`lit_llama_lab.speed.compile.compile_decoder_layers`): an eager checkpoint keeps its input by reference,
     out of any hook's reach."""
     decoder = unwrap_peft(model).get_decoder()
-    offload = CheckpointOffload(min_tokens)
+    offload = CheckpointOffload()
     for layer in decoder.layers:
         compiled = layer._compiled_call_impl
         if compiled is None:
@@ -243,6 +243,9 @@ def offload_checkpoints(model, min_tokens: int = MIN_TOKENS) -> CheckpointOffloa
                              "(or auto on a GPU), or --model.speed.offload_checkpoints false.")
 
         def call(*args, _compiled=compiled, **kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if _tokens(hidden) < min_tokens:  # a small batch: the layer runs as without offload, no hooks at all
+                return _compiled(*args, **kwargs)
             with offload.hooks():
                 return _compiled(*args, **kwargs)
 
