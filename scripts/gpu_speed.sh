@@ -13,7 +13,8 @@
 #   STAGE=tests  the GPU-only tests (tests/gpu), then the FineTome projection of training's 1B path.
 #   STAGE=install  only the peers' sites (carry .whl3 and .whl4 with this call): about 60 s, which would otherwise
 #                count against a STAGE=quality call's 600 s (the 8th session's R lost TRL + Liger to it). Later calls
-#                reuse the sites without carrying the wheels again.
+#                reuse the sites and the versions read then, without carrying the wheels again (the 9th session's
+#                quality call still spent 53 s re-reading the versions: importing unsloth is slow).
 #   STAGE=unsloth  Unsloth alone, twice: as the previous session ran it (a parent process that imports unsloth, the
 #                path isolated in a child) and as STAGE=peers does; and the host's pinned copy bandwidth, which
 #                Unsloth's offloaded checkpoints use every step. Then STAGE=peers (PATHS defaults to ours, unsloth,
