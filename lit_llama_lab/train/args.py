@@ -114,13 +114,14 @@ class SpeedArgs:
             (:func:`lit_llama_lab.speed.memory.chunk_mlp`; the same values). With compiled, checkpointed layers the
             backward then recomputes and frees one block's MLP activations at a time. ``auto``: 6 for compiled layers
             with gradient checkpointing, else 1 (an eager checkpoint recomputes the whole layer at once, so blocks
-            would save nothing). Only micro-batches of at least 8,192 tokens run in blocks
+            would save nothing); with ``auto`` only micro-batches of at least 8,192 tokens run in blocks
             (:data:`lit_llama_lab.speed.memory.MIN_TOKENS`): smaller ones need no such saving and run faster whole.
+            A number asked for by name applies to every batch.
         offload_checkpoints: keep the inputs that compiled, checkpointed layers save for backward in pinned host
             memory, copied on a side stream that overlaps the compute
             (:class:`lit_llama_lab.speed.memory.CheckpointOffload`; CUDA graphs capture it). ``auto``: on for
-            compiled layers with gradient checkpointing on a CUDA GPU. ``true`` needs those three. Like the blocks,
-            only for micro-batches of at least 8,192 tokens.
+            compiled layers with gradient checkpointing on a CUDA GPU, for micro-batches of at least 8,192 tokens
+            (as the blocks). ``true`` needs those three and applies to every batch.
         liger: Liger-Kernel's fused RMSNorm, RoPE and SwiGLU (needs ``liger-kernel`` and a CUDA GPU).
         cache_teacher: with ``--model.distill_weight`` > 0, run the frozen base over the replay chats once at the
             start of training and keep its final hidden states (:class:`lit_llama_lab.speed.distill.TeacherCache`),

@@ -70,11 +70,11 @@ def build(name_or_path: str, quantize: str, lora: LoraArgs, plan: Plan, init_ada
         log.info("%d adapter matrices multiply in %s (fp32 weights).", swapped, plan.adapter_matmul_dtype)
     if plan.dequantize_once:
         cache_dequantized_weights(model)
-    chunk_mlp(model, plan.mlp_chunks)
+    chunk_mlp(model, plan.mlp_chunks, plan.memory_min_tokens)
     if plan.compile:
         compile_decoder_layers(model)
     if plan.offload_checkpoints:
-        offload_checkpoints(model)
+        offload_checkpoints(model, plan.memory_min_tokens)
     # from_pretrained returns eval mode: dropout and gradient checkpointing (both need .training) would be off
     model.train(training)
     if plan.fsdp:

@@ -86,6 +86,7 @@ class Plan:
     gradient_checkpointing: bool
     mlp_chunks: int = 1
     offload_checkpoints: bool = False
+    memory_min_tokens: int = MIN_TOKENS  # the blocks and the offload apply from this many tokens a micro-batch
     liger: bool = False
     fsdp: bool = False
     adapter_matmul_dtype: torch.dtype = torch.float32
@@ -120,7 +121,7 @@ class Plan:
                  "dequantized once" if self.dequantize_once else "dequantized at every use",
                  f"CUDA graphs (rows padded to {self.graph_pad_multiple})" if self.cuda_graphs else "no CUDA graphs",
                  "checkpointing" if self.gradient_checkpointing else "no checkpointing"]
-        large = f" (micro-batches of {MIN_TOKENS:,}+ tokens)"
+        large = f" (micro-batches of {self.memory_min_tokens:,}+ tokens)" if self.memory_min_tokens else ""
         parts += [f"MLP in {self.mlp_chunks} row blocks{large}"] * (self.mlp_chunks > 1)
         parts += [f"checkpoints in host memory{large}"] * self.offload_checkpoints
         return ", ".join(parts + ["Liger"] * self.liger + ["FSDP"] * self.fsdp)
@@ -280,6 +281,8 @@ def resolve(precision: PrecisionArgs, speed: SpeedArgs, lora_dropout: float, tar
         gradient_checkpointing=checkpointing,
         mlp_chunks=resolve_mlp_chunks(speed.mlp_chunks, compiled, checkpointing, reasons),
         offload_checkpoints=resolve_offload(speed.offload_checkpoints, compiled, checkpointing, target, reasons),
+        # ``auto`` saves memory where a batch needs it (MIN_TOKENS); blocks or offload asked for by name run on every batch
+        memory_min_tokens=0 if speed.mlp_chunks != "auto" or speed.offload_checkpoints is True else MIN_TOKENS,
         liger=speed.liger,
         fsdp=target.fsdp,
         adapter_matmul_dtype=resolve_adapter_matmuls(precision.adapter_matmuls, compute, target, reasons),

@@ -95,7 +95,12 @@ def test_mlp_blocks_and_offload_follow_compiled_checkpointed_layers(monkeypatch)
     checkpointed = SpeedArgs(gradient_checkpointing=True)
     wide = resolve(PrecisionArgs(), checkpointed, 0.0, GPU)
     assert (wide.mlp_chunks, wide.offload_checkpoints) == (6, True)
-    assert "MLP in 6 row blocks" in wide.summary() and "checkpoints in host memory" in wide.summary()
+    assert "MLP in 6 row blocks (micro-batches of 8,192+ tokens)" in wide.summary()
+    assert "checkpoints in host memory" in wide.summary() and wide.memory_min_tokens == 8192
+    for named in ({"mlp_chunks": 6}, {"offload_checkpoints": True}):  # asked for by name: on every batch
+        forced = resolve(PrecisionArgs(), dataclasses.replace(checkpointed, **named), 0.0, GPU)
+        assert (forced.mlp_chunks, forced.offload_checkpoints, forced.memory_min_tokens) == (6, True, 0)
+        assert "MLP in 6 row blocks," in forced.summary()
     for speed, target in ((SpeedArgs(), GPU), (checkpointed, Target(torch.device("cuda"), hidden_size=576)),
                           (dataclasses.replace(checkpointed, compile=True), CPU)):
         plan = resolve(PrecisionArgs(), speed, 0.0, target)  # no checkpointing; eager layers; a CPU
