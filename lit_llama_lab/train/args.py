@@ -116,12 +116,12 @@ class SpeedArgs:
             with gradient checkpointing, else 1 (an eager checkpoint recomputes the whole layer at once, so blocks
             would save nothing); with ``auto`` only micro-batches of at least 8,192 tokens run in blocks
             (:data:`lit_llama_lab.speed.memory.MIN_TOKENS`): smaller ones need no such saving and run faster whole.
-            A number asked for by name applies to every batch.
+            A number asked for by name, or ``offload_checkpoints true``, applies the blocks to every batch.
         offload_checkpoints: keep the inputs that compiled, checkpointed layers save for backward in pinned host
             memory, copied on a side stream that overlaps the compute
             (:class:`lit_llama_lab.speed.memory.CheckpointOffload`; CUDA graphs capture it). ``auto``: on for
             compiled layers with gradient checkpointing on a CUDA GPU, for micro-batches of at least 8,192 tokens
-            (as the blocks). ``true`` needs those three and applies to every batch.
+            (as the blocks). ``true`` needs those three and applies it, and the blocks, to every batch.
         liger: Liger-Kernel's fused RMSNorm, RoPE and SwiGLU (needs ``liger-kernel`` and a CUDA GPU).
         cache_teacher: with ``--model.distill_weight`` > 0, run the frozen base over the replay chats once at the
             start of training and keep its final hidden states (:class:`lit_llama_lab.speed.distill.TeacherCache`),

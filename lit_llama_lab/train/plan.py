@@ -281,7 +281,8 @@ def resolve(precision: PrecisionArgs, speed: SpeedArgs, lora_dropout: float, tar
         gradient_checkpointing=checkpointing,
         mlp_chunks=resolve_mlp_chunks(speed.mlp_chunks, compiled, checkpointing, reasons),
         offload_checkpoints=resolve_offload(speed.offload_checkpoints, compiled, checkpointing, target, reasons),
-        # ``auto`` saves memory where a batch needs it (MIN_TOKENS); blocks or offload asked for by name run on every batch
+        # ``auto`` saves memory where a batch needs it (MIN_TOKENS); either setting asked for by name puts both (one
+        # threshold) on every batch
         memory_min_tokens=0 if speed.mlp_chunks != "auto" or speed.offload_checkpoints is True else MIN_TOKENS,
         liger=speed.liger,
         fsdp=target.fsdp,
