@@ -154,8 +154,9 @@ def bench(
             0.23 GiB above its own process's. Default: on a GPU when more than one path runs.
         workload: ``synthetic`` (the speed batch above, repeated) or ``finetome``: ``warmup`` + ``steps`` batches of the
             FineTome-like corpus of :mod:`lit_llama_lab.tools.bench_workload` (16 conversations a step in rows of
-            <= 2048 tokens, as ``configs/finetome-tuned.yaml``), every path in this process, and the projected time
-            of ``conversations`` conversations beside the seed's FineTome-100k epoch.
+            <= 2048 tokens, as ``configs/finetome-tuned.yaml``), the paths isolated as above (``unsloth`` and its
+            PYTHONPATH too), and the projected time of ``conversations`` conversations beside the seed's FineTome-100k
+            epoch.
         conversations: how many conversations the ``finetome`` workload projects.
         unsloth_pythonpath: the ``PYTHONPATH`` the ``unsloth`` path's process runs with (default: this process's), so
             one invocation can bench Unsloth from a site of its own beside ours (Unsloth pins another transformers).
@@ -177,16 +178,20 @@ def bench(
     if paths == "auto":
         paths = GPU_PATHS if dev.type == "cuda" else "baseline,ours"
     plans = {p.strip(): path_options(p, defaults) for p in paths.split(",") if p.strip()}
+    if isolate is None:
+        isolate = dev.type == "cuda" and len(plans) > 1
     if workload == "finetome":
-        return _bench_finetome(plans, setup, dev, steps, warmup, conversations, seed, devices, output)
+        if devices > 1:
+            raise ValueError("--workload finetome runs on one device: leave out --devices.")
+        if isolate:
+            return _bench_isolated(arguments, list(plans), output)
+        return _bench_finetome(plans, setup, dev, steps, warmup, conversations, seed, output)
     if devices > 1:
         from lit_llama_lab.tools.bench_devices import bench_on_devices, check_devices
 
         check_devices(dev, devices)
         single = bench(**{**arguments, "devices": 1, "output": None})
         return bench_on_devices(arguments, list(plans), devices, single, output)
-    if isolate is None:
-        isolate = dev.type == "cuda" and len(plans) > 1
     if isolate:
         return _bench_isolated(arguments, list(plans), output)
     batch = synthetic_batch(model_vocab(setup["name"]), micro_batch, seq_len, doc_len, dev)
@@ -205,11 +210,9 @@ def bench(
 
 
 def _bench_finetome(plans: dict, setup: dict, dev: torch.device, steps: int, warmup: int, conversations: int, seed: int,
-                    devices: int, output: str | None) -> dict:
+                    output: str | None) -> dict:
     from lit_llama_lab.tools.bench_workload import bench_finetome, format_workload_table
 
-    if devices > 1:
-        raise ValueError("--workload finetome runs on one device: leave out --devices.")
     results = {"settings": {k: str(v) for k, v in {**setup, "steps": steps, "warmup": warmup}.items()},
                "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "versions": _versions(),
                "workload": bench_finetome(plans, setup, steps, warmup, conversations, seed)}
@@ -246,12 +249,13 @@ def loss_options(options: dict, plan: dict | None) -> dict:
 
 def _bench_isolated(arguments: dict, paths: list[str], output: str | None) -> dict:
     """:func:`bench` with each path in a child process (same arguments, one path, ``isolate=False``, this process's
-    CPU thread count, which decides how CPU matmuls sum); the results are merged in order. A child that fails or dies
-    becomes that path's ``error`` entry."""
+    CPU thread count, which decides how CPU matmuls sum); the results are merged in order, the ``finetome`` workload's
+    under ``workload``. A child that fails or dies becomes that path's ``error`` entry."""
     import subprocess
     import sys
 
     results: dict = {}
+    entries: dict = {}  # path -> its result, in the order asked
     with tempfile.TemporaryDirectory(prefix="lit-bench-") as tmp:
         for i, path in enumerate(paths):
             child = {**arguments, "paths": path, "isolate": False, "output": str(Path(tmp) / f"{i}.json")}
@@ -269,12 +273,19 @@ def _bench_isolated(arguments: dict, paths: list[str], output: str | None) -> di
                     last = line.strip() or last
             if run.returncode == 0 and Path(child["output"]).is_file():
                 part = json.loads(Path(child["output"]).read_text())
-                results = results or {k: v for k, v in part.items() if k != "paths"} | {"paths": {}}
-                results["paths"].update(part["paths"])
+                results = results or part
+                entries.update(part["workload"]["paths"] if "workload" in part else part["paths"])
             else:
-                results.setdefault("paths", {})[path] = {"error": f"process exited {run.returncode}: {last}"}
+                entries[path] = {"error": f"process exited {run.returncode}: {last}"}
     results["settings"] = {**results.get("settings", {}), "isolated": "True"}
-    print(format_table(results), flush=True)
+    if "workload" in results:
+        from lit_llama_lab.tools.bench_workload import format_workload_table
+
+        results["workload"]["paths"] = entries
+        print(format_workload_table(results["workload"]), flush=True)
+    else:
+        results["paths"] = entries
+        print(format_table(results), flush=True)
     if output:
         write_json(output, results)
     return results

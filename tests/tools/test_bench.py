@@ -229,7 +229,7 @@ def test_bench_on_two_devices_runs_each_rank_on_its_own_batch_with_averaged_grad
     assert "| ours | 2 |" in capsys.readouterr().out
 
 
-def test_finetome_workload_draws_real_conversations_and_projects_the_epoch(capsys):
+def test_finetome_workload_draws_real_conversations_and_projects_the_epoch(capsys, tmp_path):
     """``--workload finetome``: batches of 16 conversations of the bundled FineTome sample, tokenized and packed as
     training does (every token counted is a real token of a drawn conversation); the projection is the corpus size
     over the measured conversations per second."""
@@ -247,6 +247,16 @@ def test_finetome_workload_draws_real_conversations_and_projects_the_epoch(capsy
     assert ours["projected_hours"] == pytest.approx(1000 / ours["conversations_per_s"] / 3600)
     assert results["workload"]["corpus"]["tokens_per_conversation"]["mean"] == pytest.approx(sum(lengths) / 40)
     assert "projected hours for 1,000 conversations" in capsys.readouterr().out
+    # isolated (a GPU's default with several paths, for peers such as unsloth): each path's child runs the workload,
+    # and the merged table keeps the corpus and every path, a child that dies as its error (an "unsloth" that exits)
+    (tmp_path / "unsloth.py").write_text("raise SystemExit(3)\n")
+    isolated = bench(shape="tiny", device="cpu", paths="ours,unsloth", steps=1, warmup=1, workload="finetome",
+                     conversations=1000, isolate=True, unsloth_pythonpath=str(tmp_path))
+    assert isolated["settings"]["isolated"] == "True" and list(isolated["workload"]["paths"]) == ["ours", "unsloth"]
+    assert isolated["workload"]["corpus"] == results["workload"]["corpus"]
+    assert isolated["workload"]["paths"]["ours"]["projected_hours"] > 0
+    assert isolated["workload"]["paths"]["unsloth"]["error"].startswith("process exited 3")
+    assert "| unsloth | failed: process exited 3" in capsys.readouterr().out
 
 
 def test_the_unsloth_path_runs_in_a_process_with_the_pythonpath_it_is_given(tmp_path, monkeypatch):
