@@ -33,7 +33,7 @@ run() {
 
 ONE_B=(--shape llama-3.2-1b --seq_len 2048 --micro_batch 4 --rank 16 --doc_len 512 --steps 20 --warmup 3)
 if [ "$STAGE" != loss ]; then  # the random-weight 1B model is written to the cache once, before the variants race
-  timeout 150 "$PY" -c "from lit_llama_lab.tools.bench import shape_model; print(shape_model('llama-3.2-1b', '${TOKENIZER:-smollm2-135m}'))" \
+  timeout 150 "$PY" -c "from lit_llama_lab.tools.bench import shape_model; print(shape_model('llama-3.2-1b', '${TOKENIZER:-llama-3.2}'))" \
     > "$OUT/prepare.log" 2>&1 || echo "prepare failed: see prepare.log" | tee -a "$OUT/summary.log"
 fi
 if [ "$STAGE" = speed ]; then

