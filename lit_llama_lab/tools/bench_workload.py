@@ -106,7 +106,7 @@ def format_workload_table(workload: dict) -> str:
     lengths = c["tokens_per_conversation"]
     rows = [f"FineTome-like corpus: the {c['sample_conversations']} conversations of {c['source']} drawn with "
             f"replacement, {lengths['mean']:.0f} tokens each on average (median {lengths['median']:.0f}, "
-            f"{lengths['min']}-{lengths['max']}; tokenizer and chat template of {c.get('tokenizer', '?')}), "
+            f"{lengths['min']}-{lengths['max']}; tokenizer and chat template of {c['tokenizer']}), "
             f"{c['batch_size']} a step in rows of <= {c['max_seq_length']} tokens; the seed's FineTome-100k epoch: "
             f"{SEED_HOURS[0]:.0f} h -> {SEED_HOURS[1]:.0f} h. Rates: the second pass over the timed batches (every "
             "shape met before); one-time: the warm-up and the first pass's excess over the second.", "",
@@ -118,7 +118,7 @@ def format_workload_table(workload: dict) -> str:
             rows.append(f"| {path} | failed: {r['error'][:80]} |||||||")
             continue
         first = c["batch_size"] / r["first_pass_step_s"]
-        peak = "–" if r.get("peak_gib") is None else f"{r['peak_gib']:.2f}"
+        peak = "–" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
         rows.append(f"| {path} | {r['conversations_per_s']:,.1f} | {r['tokens_per_s']:,.0f} | {first:,.1f} | "
                     f"{r['one_time_s']:.0f} | {r['projected_hours']:.2f} | {peak} | {r['runs']} |")
     return "\n".join(rows)
